@@ -1,0 +1,1 @@
+//! Synthetic wafer-die demo dataset (being written).

@@ -1,1 +1,641 @@
-//! Command line (being written).
+//! The headless command line: `train`, `infer`, `eval` and `demo`, over the same engine the app
+//! uses. Results go to standard output (JSON), progress bars and messages to standard error.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use crate::engine::StopFlag;
+use crate::engine::dataset::decode::decode_image;
+use crate::engine::dataset::import::{
+    ImageRole, ImportOptions, collect_image_files, import_items, is_mvtec_layout, items_with_role,
+    scan_mvtec,
+};
+use crate::engine::dataset::prepare::{DatasetCache, DatasetSettings};
+use crate::engine::demo::{DemoSpec, write_demo_dataset};
+use crate::engine::device::{DevicePreference, select_device};
+use crate::engine::inference::{Class, Inspection, Inspector, Thresholds};
+use crate::engine::metrics::{ConfusionMatrix, PixelRocAccumulator, auroc};
+use crate::engine::model::Framework;
+use crate::engine::training::{StopReason, TrainEvent, TrainRequest, TrainingSettings, spawn_training};
+use crate::engine::visual::overlay;
+
+/// Inkspect: learn what a good part looks like from good images, then flag anything abnormal.
+#[derive(Debug, Parser)]
+#[command(name = "inkspect", version, about)]
+pub struct Cli {
+    /// Where to run models: auto (a real GPU when present), cpu or gpu. Also INKSPECT_DEVICE.
+    #[arg(long, global = true, value_enum, default_value_t = DevicePreference::Auto)]
+    pub device: DevicePreference,
+    /// What to do; without a command the desktop app opens.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train a model from a folder of good images (or an MVTec-layout folder's train/good).
+    Train(TrainArgs),
+    /// Inspect images or folders with a trained model; prints one JSON object per image.
+    Infer(InferArgs),
+    /// Evaluate a model on an MVTec-layout category folder; prints one JSON object.
+    Eval(EvalArgs),
+    /// Write the synthetic wafer-die demo dataset (MVTec layout) to a folder.
+    Demo(DemoArgs),
+    /// Open the desktop app on a project file (or an empty project).
+    App {
+        /// Project file (.inkspect) to open.
+        project: Option<PathBuf>,
+    },
+}
+
+/// Arguments of `inkspect train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Folder (searched recursively) of good images, or an MVTec-layout category folder.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Model file to write (.ink).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Training image size in pixels (square side, rounded to a multiple of 16).
+    #[arg(long, default_value_t = DatasetSettings::default().image_size_px)]
+    pub size: u32,
+    /// Complexity index 1-100 (model capacity).
+    #[arg(long, default_value_t = DatasetSettings::default().complexity)]
+    pub complexity: u32,
+    /// Maximum number of epochs.
+    #[arg(long, default_value_t = TrainingSettings::default().max_epochs)]
+    pub epochs: u32,
+    /// Stop at the first epoch whose validation error is at or below this (0 = never).
+    #[arg(long, default_value_t = TrainingSettings::default().error_threshold)]
+    pub error_threshold: f64,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = TrainingSettings::default().learning_rate)]
+    pub learning_rate: f64,
+    /// Images per step.
+    #[arg(long, default_value_t = TrainingSettings::default().batch_size)]
+    pub batch_size: usize,
+    /// Random seed.
+    #[arg(long, default_value_t = TrainingSettings::default().seed)]
+    pub seed: u64,
+}
+
+/// Arguments of `inkspect infer`.
+#[derive(Debug, Args)]
+pub struct InferArgs {
+    /// Model file (.ink).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Images or folders (searched recursively).
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// Segmentation threshold (default: the model's suggestion).
+    #[arg(long)]
+    pub seg_threshold: Option<f32>,
+    /// Classification threshold (default: the model's suggestion).
+    #[arg(long)]
+    pub cls_threshold: Option<f32>,
+    /// Write a heatmap overlay PNG per image into this folder.
+    #[arg(long)]
+    pub heatmaps: Option<PathBuf>,
+    /// Also write the results as CSV to this file.
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+    /// Images per model call.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+}
+
+/// Arguments of `inkspect eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Model file (.ink).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// MVTec-layout category folder (test/good, test/<defect>, ground_truth/<defect>).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Segmentation threshold (default: the model's suggestion).
+    #[arg(long)]
+    pub seg_threshold: Option<f32>,
+    /// Classification threshold (default: the model's suggestion).
+    #[arg(long)]
+    pub cls_threshold: Option<f32>,
+    /// Images per model call.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+}
+
+/// Arguments of `inkspect demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Folder to write into (created).
+    pub dir: PathBuf,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = DemoSpec::default().size_px)]
+    pub size: u32,
+    /// Colour dies instead of mono.
+    #[arg(long)]
+    pub colour: bool,
+}
+
+/// Runs a parsed command line. `None` (no subcommand) is handled by the caller (the app).
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Some(Command::Train(args)) => train(args, cli.device),
+        Some(Command::Infer(args)) => infer(args, cli.device),
+        Some(Command::Eval(args)) => eval(args, cli.device),
+        Some(Command::Demo(args)) => demo(args),
+        Some(Command::App { project }) => open_app(project),
+        None => open_app(Some(demo_project()?)),
+    }
+}
+
+fn bar(total: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta}")
+            .expect("static template is valid")
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+fn train(args: TrainArgs, device: DevicePreference) -> Result<()> {
+    let folder = if is_mvtec_layout(&args.data) {
+        args.data.join("train").join("good")
+    } else {
+        args.data.clone()
+    };
+    let (files, failures) = collect_image_files(std::slice::from_ref(&folder));
+    for f in &failures {
+        eprintln!("warning: {}", f.reason);
+    }
+    if files.is_empty() {
+        bail!("{}: no images found (supported: png, jpg, bmp, tif)", folder.display());
+    }
+    let dataset = DatasetSettings {
+        image_size_px: args.size,
+        complexity: args.complexity,
+    };
+    let cache = DatasetCache::default();
+    let pb = bar(files.len() as u64, "importing");
+    let options = ImportOptions {
+        prepare: None,
+        known_hashes: Default::default(),
+    };
+    let report = import_items(
+        &items_with_role(files, ImageRole::TrainGood),
+        &options,
+        &|done, _| pb.set_position(done as u64),
+        &StopFlag::new(),
+    );
+    pb.finish_and_clear();
+    for f in &report.failures {
+        eprintln!("skipped: {}", f.reason);
+    }
+    if !report.duplicates.is_empty() {
+        eprintln!("skipped {} duplicate images (same content)", report.duplicates.len());
+    }
+    let compute = select_device(device);
+    eprintln!(
+        "{} good images, size {} px, complexity {}, device: {}",
+        report.imported.len(),
+        dataset.effective_size_px(),
+        dataset.effective_complexity(),
+        compute.description
+    );
+    let request = TrainRequest {
+        framework: Framework::ConvAutoencoder,
+        images: report.imported,
+        dataset,
+        training: TrainingSettings {
+            max_epochs: args.epochs,
+            error_threshold: args.error_threshold,
+            learning_rate: args.learning_rate,
+            batch_size: args.batch_size,
+            seed: args.seed,
+        },
+        model_path: args.model.clone(),
+        cache,
+        device: compute,
+    };
+    // Ctrl-C ends the process; the model file is written atomically, so it is never half-written.
+    let handle = spawn_training(request);
+    let mut pb: Option<ProgressBar> = None;
+    for event in handle.events.iter() {
+        match event {
+            TrainEvent::Preparing { done, total } => {
+                let p = pb.get_or_insert_with(|| bar(total as u64, "preparing"));
+                p.set_position(done as u64);
+            }
+            TrainEvent::Warning { message } => eprintln!("warning: {message}"),
+            TrainEvent::Started {
+                n_train,
+                n_validation,
+                max_epochs,
+                parameters,
+                ..
+            } => {
+                if let Some(p) = pb.take() {
+                    p.finish_and_clear();
+                }
+                eprintln!(
+                    "training on {n_train} images, validating on {n_validation}, {parameters} parameters"
+                );
+                pb = Some(bar(u64::from(max_epochs), "epochs"));
+            }
+            TrainEvent::Batch {
+                epoch,
+                batch,
+                batches,
+                loss,
+                images_per_sec,
+                ..
+            } => {
+                if let Some(p) = &pb {
+                    p.set_message(format!(
+                        "ep {epoch} {batch}/{batches} loss {loss:.5} {images_per_sec:.1} img/s"
+                    ));
+                }
+            }
+            TrainEvent::Epoch(r) => {
+                if let Some(p) = &pb {
+                    p.set_position(u64::from(r.epoch));
+                    p.println(format!(
+                        "epoch {:>3}/{}: train {:.6}  validation {:.6}  {:.1} img/s",
+                        r.epoch, r.max_epochs, r.train_loss, r.validation_loss, r.images_per_sec
+                    ));
+                }
+            }
+            TrainEvent::Finished {
+                summary,
+                model_path,
+                thresholds,
+            } => {
+                if let Some(p) = pb.take() {
+                    p.finish_and_clear();
+                }
+                let why = match summary.stop_reason {
+                    StopReason::MaxEpochs => "all epochs ran".to_string(),
+                    StopReason::ErrorThreshold => format!(
+                        "stopped early at epoch {}: validation error reached the error threshold",
+                        summary.epochs_run
+                    ),
+                };
+                eprintln!(
+                    "model written to {} ({why}; {:.1} s training, {:.1} s preparing)",
+                    model_path.display(),
+                    summary.train_secs,
+                    summary.prepare_secs
+                );
+                println!(
+                    "{}",
+                    json!({
+                        "model": model_path,
+                        "epochs_run": summary.epochs_run,
+                        "stop_reason": summary.stop_reason,
+                        "train_secs": summary.train_secs,
+                        "prepare_secs": summary.prepare_secs,
+                        "final_train_loss": summary.history.last().map(|r| r.train_loss),
+                        "final_validation_loss": summary.history.last().map(|r| r.validation_loss),
+                        "n_train": summary.n_train,
+                        "n_validation": summary.n_validation,
+                        "device": summary.device,
+                        "suggested_thresholds": thresholds,
+                    })
+                );
+            }
+            TrainEvent::Cancelled { epochs_done } => {
+                eprintln!("cancelled after {epochs_done} epochs; no model written")
+            }
+            TrainEvent::Failed { message } => eprintln!("error: {message}"),
+        }
+    }
+    match handle.thread.join() {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => bail!("the training thread crashed"),
+    }
+}
+
+fn thresholds_for(inspector: &Inspector, seg: Option<f32>, cls: Option<f32>) -> Thresholds {
+    let s = inspector.suggested_thresholds();
+    Thresholds {
+        segmentation: seg.unwrap_or(s.segmentation),
+        classification: cls.unwrap_or(s.classification),
+    }
+}
+
+/// The JSON object printed for one inspected image.
+pub fn inspection_json(path: &Path, ins: &Inspection) -> serde_json::Value {
+    json!({
+        "image": path,
+        "width": ins.map.width,
+        "height": ins.map.height,
+        "score": ins.score,
+        "class": ins.class.label(),
+        "class_id": ins.class_id(),
+        "region": {
+            "area_px": ins.region.area_px,
+            "components": ins.region.components.iter().map(|c| json!({
+                "bbox": c.bbox,
+                "area_px": c.area_px,
+            })).collect::<Vec<_>>(),
+        },
+    })
+}
+
+fn infer(args: InferArgs, device: DevicePreference) -> Result<()> {
+    let compute = select_device(device);
+    let inspector = Inspector::load(&args.model, &compute.device)?;
+    let thresholds = thresholds_for(&inspector, args.seg_threshold, args.cls_threshold);
+    let (files, failures) = collect_image_files(&args.inputs);
+    for f in &failures {
+        eprintln!("skipped: {}", f.reason);
+    }
+    if let Some(dir) = &args.heatmaps {
+        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    }
+    let mut csv = match &args.csv {
+        Some(p) => Some(
+            std::fs::File::create(p).with_context(|| format!("{}: cannot create", p.display()))?,
+        ),
+        None => None,
+    };
+    if let Some(f) = &mut csv {
+        writeln!(f, "image,score,class,class_id,area_px,components,bboxes")?;
+    }
+    eprintln!(
+        "{} images, device: {}, thresholds: segmentation {:.6}, classification {:.6}",
+        files.len(),
+        compute.description,
+        thresholds.segmentation,
+        thresholds.classification
+    );
+    let pb = bar(files.len() as u64, "inspecting");
+    let start = Instant::now();
+    let mut n_ok = 0usize;
+    let mut n_failed = 0usize;
+    let mut stdout = std::io::stdout().lock();
+    let mut write_err: Option<anyhow::Error> = None;
+    inspector.inspect_files(&files, thresholds, args.batch_size, &mut |(path, result)| {
+        pb.inc(1);
+        match result {
+            Ok(ins) => {
+                n_ok += 1;
+                let line = inspection_json(&path, &ins);
+                let _ = writeln!(stdout, "{line}");
+                if let Some(f) = &mut csv {
+                    let boxes: Vec<String> = ins
+                        .region
+                        .components
+                        .iter()
+                        .map(|c| format!("{} {} {} {}", c.bbox[0], c.bbox[1], c.bbox[2], c.bbox[3]))
+                        .collect();
+                    let _ = writeln!(
+                        f,
+                        "\"{}\",{},{},{},{},{},\"{}\"",
+                        path.display().to_string().replace('"', "\"\""),
+                        ins.score,
+                        ins.class.label(),
+                        ins.class_id(),
+                        ins.region.area_px,
+                        ins.region.components.len(),
+                        boxes.join(";")
+                    );
+                }
+                if let Some(dir) = &args.heatmaps
+                    && let Err(e) = write_heatmap(dir, &path, &ins)
+                {
+                    write_err.get_or_insert(e);
+                }
+            }
+            Err(e) => {
+                n_failed += 1;
+                pb.println(format!("skipped: {e}"));
+            }
+        }
+    });
+    pb.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "{n_ok} inspected, {n_failed} unreadable, {:.1} ms/image (decode + model + map + region)",
+        1000.0 * secs / n_ok.max(1) as f64
+    );
+    if let Some(e) = write_err {
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn write_heatmap(dir: &Path, path: &Path, ins: &Inspection) -> Result<()> {
+    let image = decode_image(path)?;
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
+    let out = dir.join(format!("{stem}_heatmap.png"));
+    overlay(&image, ins, 0.6)
+        .save(&out)
+        .with_context(|| format!("{}: cannot write heatmap", out.display()))?;
+    Ok(())
+}
+
+fn eval(args: EvalArgs, device: DevicePreference) -> Result<()> {
+    if !args.data.join("test").is_dir() {
+        bail!(
+            "{}: not an MVTec-layout category folder (expected test/good and test/<defect>)",
+            args.data.display()
+        );
+    }
+    let compute = select_device(device);
+    let inspector = Inspector::load(&args.model, &compute.device)?;
+    let thresholds = thresholds_for(&inspector, args.seg_threshold, args.cls_threshold);
+    let items: Vec<_> = scan_mvtec(&args.data)
+        .items
+        .into_iter()
+        .filter(|i| i.role != ImageRole::TrainGood)
+        .collect();
+    let paths: Vec<PathBuf> = items.iter().map(|i| i.path.clone()).collect();
+    let pb = bar(paths.len() as u64, "evaluating");
+    let mut good_scores = Vec::new();
+    let mut nok_scores = Vec::new();
+    let mut pixel = PixelRocAccumulator::new(0.0, pixel_range_hi(&inspector), 1 << 16);
+    let mut n_with_masks = 0usize;
+    let mut failures = Vec::new();
+    let mut per_kind: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    let start = Instant::now();
+    let mut index = 0usize;
+    inspector.inspect_files(&paths, thresholds, args.batch_size, &mut |(path, result)| {
+        let item = &items[index];
+        index += 1;
+        pb.inc(1);
+        let ins = match result {
+            Ok(ins) => ins,
+            Err(e) => {
+                failures.push(e.to_string());
+                return;
+            }
+        };
+        let kind = item.defect_kind.clone().unwrap_or_else(|| "good".into());
+        let entry = per_kind.entry(kind).or_default();
+        entry.0 += 1;
+        if ins.class == Class::Nok {
+            entry.1 += 1;
+        }
+        let mask: Option<Vec<bool>> = match item.role {
+            ImageRole::TestGood => Some(vec![false; ins.map.values.len()]),
+            _ => item.mask.as_ref().and_then(|m| load_mask(m, ins.map.width, ins.map.height)),
+        };
+        if let Some(mask) = mask {
+            if item.role == ImageRole::TestNok {
+                n_with_masks += 1;
+            }
+            if let Err(e) = pixel.add(&ins.map.values, &mask) {
+                failures.push(format!("{}: {e}", path.display()));
+            }
+        }
+        if item.role == ImageRole::TestGood {
+            good_scores.push(ins.score);
+        } else {
+            nok_scores.push(ins.score);
+        }
+    });
+    pb.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    for f in &failures {
+        eprintln!("skipped: {f}");
+    }
+    let confusion = ConfusionMatrix::at_threshold(&good_scores, &nok_scores, thresholds.classification);
+    let pixel_auroc = if n_with_masks > 0 { pixel.auroc() } else { None };
+    let n = good_scores.len() + nok_scores.len();
+    println!(
+        "{}",
+        json!({
+            "data": args.data,
+            "model": args.model,
+            "image_auroc": auroc(&good_scores, &nok_scores),
+            "pixel_auroc": pixel_auroc,
+            "n_good": good_scores.len(),
+            "n_nok": nok_scores.len(),
+            "n_nok_with_masks": n_with_masks,
+            "n_unreadable": failures.len(),
+            "thresholds": thresholds,
+            "confusion_matrix": confusion,
+            "f1": confusion.f1(),
+            "accuracy": confusion.accuracy(),
+            "flagged_nok_per_kind": per_kind.iter().map(|(k, (n, f))| (k.clone(), json!({"images": n, "flagged_nok": f}))).collect::<serde_json::Map<_, _>>(),
+            "ms_per_image": 1000.0 * secs / n.max(1) as f64,
+            "device": compute.description,
+        })
+    );
+    Ok(())
+}
+
+/// Upper end of the pixel-AUROC histogram: anomaly values above it share the last bin. Chosen far
+/// above the scores of good images so that the ranking that matters is kept.
+fn pixel_range_hi(inspector: &Inspector) -> f32 {
+    let max_val = inspector
+        .header
+        .validation_scores
+        .iter()
+        .copied()
+        .fold(0.0f32, f32::max)
+        .max(inspector.suggested_thresholds().classification);
+    (max_val * 50.0).max(1e-3)
+}
+
+/// Loads a ground-truth mask (non-zero = defect) resized to `width x height` (nearest neighbour).
+fn load_mask(path: &Path, width: u32, height: u32) -> Option<Vec<bool>> {
+    let mask = match decode_image(path) {
+        Ok(m) => m.to_mode(crate::engine::dataset::decode::ColourMode::Mono),
+        Err(e) => {
+            eprintln!("skipped mask: {e}");
+            return None;
+        }
+    };
+    let gray = image::GrayImage::from_raw(mask.width, mask.height, mask.pixels)?;
+    let gray = if (gray.width(), gray.height()) == (width, height) {
+        gray
+    } else {
+        image::imageops::resize(&gray, width, height, image::imageops::FilterType::Nearest)
+    };
+    Some(gray.into_raw().into_iter().map(|v| v > 127).collect())
+}
+
+fn demo(args: DemoArgs) -> Result<()> {
+    let spec = DemoSpec {
+        size_px: args.size,
+        colour: args.colour,
+        ..DemoSpec::default()
+    };
+    let summary = write_demo_dataset(&args.dir, &spec)?;
+    eprintln!(
+        "demo dataset written to {}: {} good training images, {} good and {} nok test images (with masks)",
+        summary.root.display(),
+        summary.n_train_good,
+        summary.n_test_good,
+        summary.n_test_nok
+    );
+    Ok(())
+}
+
+fn open_app(project: Option<PathBuf>) -> Result<()> {
+    crate::ui::run_app(project).map_err(|e| anyhow::anyhow!("the desktop app could not start: {e}"))
+}
+
+/// Folder of the demo project: `$INKSPECT_DEMO_DIR`, else `datasets/demo` in the source tree when
+/// it can be written, else `<data dir>/demo`.
+pub fn demo_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("INKSPECT_DEMO_DIR") {
+        return PathBuf::from(d);
+    }
+    let in_repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets");
+    if in_repo.is_dir() && std::fs::metadata(&in_repo).is_ok_and(|m| !m.permissions().readonly()) {
+        return in_repo.join("demo");
+    }
+    crate::ui::app::data_dir()
+        .unwrap_or_else(std::env::temp_dir)
+        .join("demo")
+}
+
+/// The trained model shipped with the sources for the demo project, if present.
+pub fn bundled_demo_model() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join("demo.ink");
+    p.is_file().then_some(p)
+}
+
+/// Returns the demo project file, creating the demo dataset and project on first use (the
+/// bundled trained model is used when present, so the Evaluation tab works at once).
+pub fn demo_project() -> Result<PathBuf> {
+    let root = demo_dir();
+    let file = root.join("demo.inkspect");
+    if file.is_file() {
+        return Ok(file);
+    }
+    let images = root.join("images");
+    if !images.join("train").join("good").is_dir() {
+        eprintln!("writing the demo dataset to {} (first start only)", images.display());
+        write_demo_dataset(&images, &DemoSpec::default())?;
+    }
+    let items = scan_mvtec(&images).items;
+    let report = import_items(&items, &ImportOptions::default(), &|_, _| {}, &StopFlag::new());
+    let mut project = crate::engine::project::Project::new("Demo wafer dies");
+    project.add_imported(&report);
+    project.dataset = DatasetSettings {
+        image_size_px: DemoSpec::default().size_px,
+        complexity: DatasetSettings::default().complexity,
+    };
+    project.model_path = bundled_demo_model();
+    project.save(&file)?;
+    Ok(file)
+}

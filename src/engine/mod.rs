@@ -1,5 +1,57 @@
 //! The engine: project model, image import, dataset preparation, models, training, inspection and
-//! metrics. No GUI code lives here.
+//! metrics. No GUI code lives here; the command line and the desktop app both drive it.
 
+pub mod dataset;
 pub mod demo;
+pub mod device;
+pub mod inference;
 pub mod metrics;
+pub mod model;
+pub mod project;
+pub mod training;
+pub mod visual;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// A shared flag that asks background work to stop. Cheap to clone; all clones share one flag.
+#[derive(Debug, Clone, Default)]
+pub struct StopFlag(Arc<AtomicBool>);
+
+impl StopFlag {
+    /// A new flag, not set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the work to stop.
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a stop was asked for.
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder is written, flushed to
+/// disk (fsync) and renamed over `path`, so a crash leaves either the old file or the new one,
+/// never a partial file. Creates the parent folder if needed.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(parent)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".inkspect-")
+        .suffix(".tmp")
+        .tempfile_in(parent)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}

@@ -1,0 +1,430 @@
+//! Inspection: one image in, one [`Inspection`] out (anomaly map at the image's own resolution,
+//! anomaly score, abnormal region, class and class ID). Thresholds are inputs here, never part of
+//! the model, so the GUI can move them and re-derive regions and verdicts without re-running the
+//! network ([`Inspection::apply_thresholds`]).
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::dataset::decode::{ColourMode, DecodeError, DecodedImage, decode_image};
+use crate::engine::dataset::prepare::PreparedImage;
+use crate::engine::metrics::{Component, connected_components, quantile};
+use crate::engine::model::{ConvAutoencoder, ModelFile, ModelHeader};
+
+/// Quantile of the validation good images' scores used as the suggested classification threshold.
+pub const SUGGESTED_SCORE_QUANTILE: f64 = 0.99;
+
+/// The two thresholds, in anomaly-map units (smoothed squared reconstruction error, pixel values
+/// scaled to `[0, 1]`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Thresholds {
+    /// A pixel whose anomaly value is at or above this is abnormal (part of the region).
+    pub segmentation: f32,
+    /// An image whose anomaly score is at or above this is nok.
+    pub classification: f32,
+}
+
+/// Suggests thresholds from the scores of validation good images: the classification threshold is
+/// the [`SUGGESTED_SCORE_QUANTILE`] quantile of those scores (so roughly 1 % of good images would be
+/// flagged), and the segmentation threshold equals it, so that a pixel is abnormal when it alone
+/// would make the image nok, and an image is nok exactly when it has an abnormal region. `None`
+/// without validation scores.
+pub fn suggest_thresholds(validation_scores: &[f32]) -> Option<Thresholds> {
+    let t = quantile(validation_scores, SUGGESTED_SCORE_QUANTILE)?;
+    Some(Thresholds {
+        segmentation: t,
+        classification: t,
+    })
+}
+
+/// The verdict for one image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Class {
+    /// Looks like the good images.
+    Good,
+    /// Not ok: abnormal.
+    Nok,
+}
+
+impl Class {
+    /// Classification ID: good = 0, nok = 1.
+    pub fn id(self) -> u8 {
+        match self {
+            Class::Good => 0,
+            Class::Nok => 1,
+        }
+    }
+
+    /// "good" or "nok".
+    pub fn label(self) -> &'static str {
+        match self {
+            Class::Good => "good",
+            Class::Nok => "nok",
+        }
+    }
+}
+
+/// A per-pixel anomaly map, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnomalyMap {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// `width * height` anomaly values (higher = more abnormal).
+    pub values: Vec<f32>,
+}
+
+/// The abnormal region: pixels at or above the segmentation threshold.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Region {
+    /// Abnormal pixels, row-major, same size as the anomaly map.
+    pub mask: Vec<bool>,
+    /// Number of abnormal pixels.
+    pub area_px: u64,
+    /// 8-connected parts of the region, largest first, with area and bounding box.
+    pub components: Vec<Component>,
+}
+
+impl Region {
+    /// The region of `map` at `threshold`.
+    pub fn from_map(map: &AnomalyMap, threshold: f32) -> Region {
+        let mask: Vec<bool> = map.values.iter().map(|&v| v >= threshold).collect();
+        let area_px = mask.iter().filter(|&&m| m).count() as u64;
+        let components = if area_px == 0 {
+            Vec::new()
+        } else {
+            connected_components(&mask, map.width as usize, map.height as usize)
+        };
+        Region {
+            mask,
+            area_px,
+            components,
+        }
+    }
+}
+
+/// The result of inspecting one image.
+#[derive(Debug, Clone)]
+pub struct Inspection {
+    /// Anomaly map at the inspected image's resolution.
+    pub map: AnomalyMap,
+    /// Anomaly score: the maximum of the smoothed anomaly map at model resolution.
+    pub score: f32,
+    /// Thresholds the region and class were derived with.
+    pub thresholds: Thresholds,
+    /// Abnormal region at the segmentation threshold.
+    pub region: Region,
+    /// Verdict at the classification threshold.
+    pub class: Class,
+}
+
+impl Inspection {
+    /// Builds an inspection from a map and score at the given thresholds.
+    pub fn new(map: AnomalyMap, score: f32, thresholds: Thresholds) -> Inspection {
+        let region = Region::from_map(&map, thresholds.segmentation);
+        let class = classify(score, thresholds.classification);
+        Inspection {
+            map,
+            score,
+            thresholds,
+            region,
+            class,
+        }
+    }
+
+    /// Re-derives region and class for new thresholds, without re-running the model. The region is
+    /// only recomputed when the segmentation threshold changed.
+    pub fn apply_thresholds(&mut self, thresholds: Thresholds) {
+        if thresholds.segmentation != self.thresholds.segmentation {
+            self.region = Region::from_map(&self.map, thresholds.segmentation);
+        }
+        self.class = classify(self.score, thresholds.classification);
+        self.thresholds = thresholds;
+    }
+
+    /// Classification ID: good = 0, nok = 1.
+    pub fn class_id(&self) -> u8 {
+        self.class.id()
+    }
+}
+
+/// The verdict for a score: nok when `score >= classification_threshold` (NaN scores are nok).
+pub fn classify(score: f32, classification_threshold: f32) -> Class {
+    if score >= classification_threshold || score.is_nan() {
+        Class::Nok
+    } else {
+        Class::Good
+    }
+}
+
+/// Converts prepared images into one model input batch `[batch, channels, size, size]`, values in
+/// `[0, 1]`. All images must have the same size and mode.
+pub fn batch_tensor(images: &[&PreparedImage], device: &Device) -> Tensor<4> {
+    let size = images.first().map(|i| i.size_px as usize).unwrap_or(0);
+    let channels = images.first().map(|i| i.mode.channels()).unwrap_or(1);
+    let mut data = Vec::with_capacity(images.len() * channels * size * size);
+    for img in images {
+        data.extend(img.pixels.iter().map(|&v| f32::from(v) / 255.0));
+    }
+    Tensor::from_data(
+        TensorData::new(data, [images.len(), channels, size, size]),
+        device,
+    )
+}
+
+/// Gaussian smoothing applied to the squared reconstruction error before scoring: sigma in pixels
+/// at model resolution, `max(1, size / 128)`.
+pub fn smoothing_sigma_px(size_px: u32) -> f32 {
+    (size_px as f32 / 128.0).max(1.0)
+}
+
+/// Smoothed anomaly maps at model resolution (`size * size` values each) for a batch of prepared
+/// images: squared reconstruction error averaged over channels, Gaussian smoothed.
+pub fn anomaly_maps_at_model_size(
+    network: &ConvAutoencoder,
+    images: &[&PreparedImage],
+    device: &Device,
+) -> Vec<Vec<f32>> {
+    if images.is_empty() {
+        return Vec::new();
+    }
+    let size = images[0].size_px as usize;
+    let input = batch_tensor(images, device);
+    let recon = network.forward(input.clone());
+    let error = (recon - input).square().mean_dim(1); // [batch, 1, size, size]
+    let values: Vec<f32> = error.into_data().try_to_vec::<f32>().unwrap_or_default();
+    let sigma = smoothing_sigma_px(size as u32);
+    values
+        .chunks_exact(size * size)
+        .map(|m| gaussian_blur(m, size, size, sigma))
+        .collect()
+}
+
+/// Separable Gaussian blur of a row-major `width x height` map (edges clamp).
+pub fn gaussian_blur(values: &[f32], width: usize, height: usize, sigma: f32) -> Vec<f32> {
+    let radius = (3.0 * sigma).ceil() as isize;
+    let kernel: Vec<f32> = (-radius..=radius)
+        .map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp())
+        .collect();
+    let sum: f32 = kernel.iter().sum();
+    let kernel: Vec<f32> = kernel.iter().map(|k| k / sum).collect();
+    let clamp = |v: isize, n: usize| v.clamp(0, n as isize - 1) as usize;
+    let mut tmp = vec![0.0f32; values.len()];
+    for y in 0..height {
+        let row = &values[y * width..(y + 1) * width];
+        for x in 0..width {
+            let mut acc = 0.0;
+            for (k, w) in kernel.iter().enumerate() {
+                acc += w * row[clamp(x as isize + k as isize - radius, width)];
+            }
+            tmp[y * width + x] = acc;
+        }
+    }
+    let mut out = vec![0.0f32; values.len()];
+    for y in 0..height {
+        for x in 0..width {
+            let mut acc = 0.0;
+            for (k, w) in kernel.iter().enumerate() {
+                acc += w * tmp[clamp(y as isize + k as isize - radius, height) * width + x];
+            }
+            out[y * width + x] = acc;
+        }
+    }
+    out
+}
+
+/// Bilinear resize of a row-major map to `width x height` (pixel centres aligned).
+pub fn resize_map(values: &[f32], from_w: usize, from_h: usize, width: u32, height: u32) -> Vec<f32> {
+    let (w, h) = (width as usize, height as usize);
+    let sx = from_w as f32 / w as f32;
+    let sy = from_h as f32 / h as f32;
+    let mut out = vec![0.0f32; w * h];
+    let xs: Vec<(usize, usize, f32)> = (0..w)
+        .map(|x| {
+            let fx = ((x as f32 + 0.5) * sx - 0.5).clamp(0.0, (from_w - 1) as f32);
+            let x0 = fx.floor() as usize;
+            (x0, (x0 + 1).min(from_w - 1), fx - x0 as f32)
+        })
+        .collect();
+    for y in 0..h {
+        let fy = ((y as f32 + 0.5) * sy - 0.5).clamp(0.0, (from_h - 1) as f32);
+        let y0 = fy.floor() as usize;
+        let y1 = (y0 + 1).min(from_h - 1);
+        let ty = fy - y0 as f32;
+        let (r0, r1) = (&values[y0 * from_w..], &values[y1 * from_w..]);
+        for (x, &(x0, x1, tx)) in xs.iter().enumerate() {
+            let top = r0[x0] + (r0[x1] - r0[x0]) * tx;
+            let bottom = r1[x0] + (r1[x1] - r1[x0]) * tx;
+            out[y * w + x] = top + (bottom - top) * ty;
+        }
+    }
+    out
+}
+
+/// A loaded model ready to inspect images.
+#[derive(Debug)]
+pub struct Inspector {
+    /// The model file's header (settings, suggested thresholds).
+    pub header: ModelHeader,
+    network: ConvAutoencoder,
+    device: Device,
+}
+
+/// An inspected file, or why it could not be inspected.
+pub type FileInspection = (PathBuf, Result<Inspection, DecodeError>);
+
+impl Inspector {
+    /// Loads a model file for inspection on `device`.
+    pub fn load(path: &Path, device: &Device) -> Result<Inspector, crate::engine::model::ModelFileError> {
+        let file = ModelFile::load(path, device)?;
+        Ok(Self::from_model(file, device))
+    }
+
+    /// Wraps an already loaded model.
+    pub fn from_model(file: ModelFile, device: &Device) -> Inspector {
+        Inspector {
+            header: file.header,
+            network: file.network.valid(),
+            device: device.clone(),
+        }
+    }
+
+    /// The network, e.g. to save it.
+    pub fn into_network(self) -> ConvAutoencoder {
+        self.network
+    }
+
+    /// The model's suggested thresholds.
+    pub fn suggested_thresholds(&self) -> Thresholds {
+        self.header.suggested_thresholds
+    }
+
+    /// Colour mode of the model's input.
+    pub fn mode(&self) -> ColourMode {
+        self.header.mode
+    }
+
+    /// Inspects decoded images in one batch.
+    pub fn inspect_images(&self, images: &[&DecodedImage], thresholds: Thresholds) -> Vec<Inspection> {
+        let size = self.header.image_size_px;
+        let prepared: Vec<PreparedImage> = images
+            .iter()
+            .map(|img| PreparedImage::from_decoded(img, size, self.header.mode))
+            .collect();
+        let refs: Vec<&PreparedImage> = prepared.iter().collect();
+        let maps = anomaly_maps_at_model_size(&self.network, &refs, &self.device);
+        maps.into_iter()
+            .zip(images)
+            .map(|(small, img)| {
+                let score = small.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let values = resize_map(&small, size as usize, size as usize, img.width, img.height);
+                let map = AnomalyMap {
+                    width: img.width,
+                    height: img.height,
+                    values,
+                };
+                Inspection::new(map, score, thresholds)
+            })
+            .collect()
+    }
+
+    /// Inspects one decoded image.
+    pub fn inspect(&self, image: &DecodedImage, thresholds: Thresholds) -> Inspection {
+        self.inspect_images(&[image], thresholds)
+            .pop()
+            .expect("one image in, one inspection out")
+    }
+
+    /// Smoothed model-resolution scores of prepared images (used for validation and thresholds).
+    pub fn scores_of_prepared(&self, images: &[&PreparedImage], batch_size: usize) -> Vec<f32> {
+        images
+            .chunks(batch_size.max(1))
+            .flat_map(|chunk| anomaly_maps_at_model_size(&self.network, chunk, &self.device))
+            .map(|m| m.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+            .collect()
+    }
+
+    /// Decodes and inspects files, `batch_size` at a time (decoding in parallel). Unreadable files
+    /// give an error naming them; the others proceed. `on_result` is called in input order.
+    pub fn inspect_files(
+        &self,
+        paths: &[PathBuf],
+        thresholds: Thresholds,
+        batch_size: usize,
+        on_result: &mut dyn FnMut(FileInspection),
+    ) {
+        use rayon::prelude::*;
+        for chunk in paths.chunks(batch_size.max(1)) {
+            let decoded: Vec<Result<DecodedImage, DecodeError>> =
+                chunk.par_iter().map(|p| decode_image(p)).collect();
+            let ok: Vec<&DecodedImage> = decoded.iter().filter_map(|d| d.as_ref().ok()).collect();
+            let mut inspections = self.inspect_images(&ok, thresholds).into_iter();
+            for (path, d) in chunk.iter().zip(decoded) {
+                let result = match d {
+                    Ok(_) => Ok(inspections.next().expect("one inspection per decoded image")),
+                    Err(e) => Err(e),
+                };
+                on_result((path.clone(), result));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thresholds_flip_class_and_region_without_rerunning() {
+        let mut values = vec![0.0f32; 100];
+        values[55] = 1.0;
+        values[56] = 0.6;
+        let map = AnomalyMap {
+            width: 10,
+            height: 10,
+            values,
+        };
+        let t = Thresholds {
+            segmentation: 0.5,
+            classification: 0.8,
+        };
+        let mut ins = Inspection::new(map, 1.0, t);
+        assert_eq!(ins.class, Class::Nok);
+        assert_eq!(ins.class_id(), 1);
+        assert_eq!(ins.region.area_px, 2);
+        assert_eq!(ins.region.components.len(), 1);
+        assert_eq!(ins.region.components[0].bbox, [5, 5, 2, 1]);
+        ins.apply_thresholds(Thresholds {
+            segmentation: 0.9,
+            classification: 1.5,
+        });
+        assert_eq!(ins.class, Class::Good);
+        assert_eq!(ins.class_id(), 0);
+        assert_eq!(ins.region.area_px, 1);
+    }
+
+    #[test]
+    fn blur_keeps_mass_and_resize_keeps_constant_maps() {
+        let mut v = vec![0.0f32; 21 * 21];
+        v[10 * 21 + 10] = 1.0;
+        let b = gaussian_blur(&v, 21, 21, 2.0);
+        let total: f32 = b.iter().sum();
+        assert!((total - 1.0).abs() < 1e-3, "{total}");
+        assert!(b[10 * 21 + 10] < 1.0 && b[10 * 21 + 10] > b[10 * 21 + 12]);
+        let r = resize_map(&[2.0; 16], 4, 4, 13, 7);
+        assert!(r.iter().all(|&x| (x - 2.0).abs() < 1e-6));
+    }
+
+    #[test]
+    fn suggestion_is_the_documented_quantile() {
+        let scores: Vec<f32> = (1..=101).map(|i| i as f32).collect();
+        let t = suggest_thresholds(&scores).unwrap();
+        assert!((t.classification - 100.0).abs() < 1e-4);
+        assert_eq!(t.segmentation, t.classification);
+        assert!(suggest_thresholds(&[]).is_none());
+    }
+}

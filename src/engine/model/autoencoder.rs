@@ -1,0 +1,108 @@
+//! The convolutional autoencoder: four stride-2 convolutions down to a narrow bottleneck, four
+//! transposed convolutions back up. Trained on good images only, it reconstructs what it has seen;
+//! what it cannot reconstruct is abnormal.
+
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
+use burn::prelude::*;
+use burn::tensor::activation::{leaky_relu, sigmoid};
+use serde::{Deserialize, Serialize};
+
+/// Slope of the leaky ReLU activations.
+const LEAKY_SLOPE: f64 = 0.2;
+
+/// Shape of a [`ConvAutoencoder`]; saved in the model file so the file is self-describing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutoencoderSpec {
+    /// Image channels (1 mono, 3 colour).
+    pub channels: usize,
+    /// Output channels of each stride-2 encoder level (the decoder mirrors them).
+    pub widths: Vec<usize>,
+    /// Channels of the bottleneck code (at 1/16 of the image side).
+    pub latent_channels: usize,
+}
+
+impl AutoencoderSpec {
+    /// Builds the module with freshly initialised weights on `device`.
+    pub fn init(&self, device: &Device) -> ConvAutoencoder {
+        let mut encoder = Vec::new();
+        let mut c_in = self.channels;
+        for &w in &self.widths {
+            encoder.push(
+                Conv2dConfig::new([c_in, w], [4, 4])
+                    .with_stride([2, 2])
+                    .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                    .init(device),
+            );
+            c_in = w;
+        }
+        let deepest = *self.widths.last().unwrap_or(&self.channels);
+        let to_latent = Conv2dConfig::new([deepest, self.latent_channels], [1, 1]).init(device);
+        let from_latent = Conv2dConfig::new([self.latent_channels, deepest], [1, 1]).init(device);
+        let mut decoder = Vec::new();
+        let mut outs: Vec<usize> = self.widths.iter().rev().skip(1).copied().collect();
+        outs.push(self.channels);
+        let mut c_in = deepest;
+        for w in outs {
+            decoder.push(
+                ConvTranspose2dConfig::new([c_in, w], [4, 4])
+                    .with_stride([2, 2])
+                    .with_padding([1, 1])
+                    .init(device),
+            );
+            c_in = w;
+        }
+        ConvAutoencoder {
+            encoder,
+            to_latent,
+            from_latent,
+            decoder,
+        }
+    }
+
+    /// Number of trainable parameters.
+    pub fn parameter_count(&self) -> usize {
+        let conv = |i: usize, o: usize, k: usize| i * o * k * k + o;
+        let mut n = 0;
+        let mut c = self.channels;
+        for &w in &self.widths {
+            n += 2 * conv(c, w, 4) - w + c; // encoder conv + its mirrored decoder conv
+            c = w;
+        }
+        n + 2 * conv(c, self.latent_channels, 1) - self.latent_channels + c
+    }
+
+    /// How many times the side is halved (the image side must be a multiple of `2^levels`).
+    pub fn levels(&self) -> usize {
+        self.widths.len()
+    }
+}
+
+/// The autoencoder module. Input and output: `[batch, channels, size, size]`, values in `[0, 1]`.
+#[derive(Module, Debug)]
+pub struct ConvAutoencoder {
+    encoder: Vec<Conv2d>,
+    to_latent: Conv2d,
+    from_latent: Conv2d,
+    decoder: Vec<ConvTranspose2d>,
+}
+
+impl ConvAutoencoder {
+    /// Reconstruction of `images` (`[batch, channels, size, size]`, values in `[0, 1]`).
+    pub fn forward(&self, images: Tensor<4>) -> Tensor<4> {
+        let mut x = images;
+        for conv in &self.encoder {
+            x = leaky_relu(conv.forward(x), LEAKY_SLOPE);
+        }
+        x = leaky_relu(self.to_latent.forward(x), LEAKY_SLOPE);
+        x = leaky_relu(self.from_latent.forward(x), LEAKY_SLOPE);
+        let last = self.decoder.len().saturating_sub(1);
+        for (i, deconv) in self.decoder.iter().enumerate() {
+            x = deconv.forward(x);
+            if i < last {
+                x = leaky_relu(x, LEAKY_SLOPE);
+            }
+        }
+        sigmoid(x)
+    }
+}

@@ -1,0 +1,555 @@
+//! Training on a worker thread: typed events over a channel, a stop flag checked before every
+//! batch, early stop at the error threshold, and an atomically written model file. A failed or
+//! cancelled run never touches the previous model file.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use burn::module::Module;
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::prelude::*;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::StopFlag;
+use crate::engine::dataset::decode::ColourMode;
+use crate::engine::dataset::import::ImportedImage;
+use crate::engine::dataset::prepare::{
+    DatasetCache, DatasetSettings, PreparedImage, prepare_file, split_train_validation,
+};
+use crate::engine::device::ComputeDevice;
+use crate::engine::inference::{Inspector, Thresholds, batch_tensor, suggest_thresholds};
+use crate::engine::model::{Framework, ModelFile, ModelHeader, autoencoder_spec_for};
+
+/// Progress events are sent at most this often (terminal events always go through).
+pub const EVENT_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Capacity of the event channel made by [`spawn_training`].
+pub const EVENT_CHANNEL_CAPACITY: usize = 256;
+
+/// Fewest good images training accepts.
+pub const MIN_TRAINING_IMAGES: usize = 2;
+
+/// How to train.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainingSettings {
+    /// Most epochs to run.
+    pub max_epochs: u32,
+    /// Stop at the first epoch whose validation error (mean squared reconstruction error, pixel
+    /// values in `[0, 1]`) is at or below this; 0 disables the early stop.
+    pub error_threshold: f64,
+    /// Adam learning rate.
+    pub learning_rate: f64,
+    /// Images per optimisation step.
+    pub batch_size: usize,
+    /// Seed for weights, shuffling and the validation split.
+    pub seed: u64,
+}
+
+impl Default for TrainingSettings {
+    fn default() -> Self {
+        Self {
+            max_epochs: 30,
+            error_threshold: 0.0,
+            learning_rate: 2e-3,
+            batch_size: 8,
+            seed: 42,
+        }
+    }
+}
+
+/// Why training ended successfully.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// All epochs ran.
+    MaxEpochs,
+    /// The validation error reached the error threshold.
+    ErrorThreshold,
+}
+
+/// Losses of one epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EpochReport {
+    /// Epoch number, from 1.
+    pub epoch: u32,
+    /// Epochs planned.
+    pub max_epochs: u32,
+    /// Mean training loss over the epoch.
+    pub train_loss: f64,
+    /// Validation error (training loss when there is no validation set).
+    pub validation_loss: f64,
+    /// Training throughput over the epoch, images per second.
+    pub images_per_sec: f64,
+    /// Seconds since training started (after preparation).
+    pub elapsed_secs: f64,
+    /// Estimated seconds left if all epochs run.
+    pub eta_secs: f64,
+}
+
+/// Summary of a finished training, stored in the model file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingSummary {
+    /// Epochs that ran.
+    pub epochs_run: u32,
+    /// Settings used.
+    pub settings: TrainingSettings,
+    /// Why it ended.
+    pub stop_reason: StopReason,
+    /// Training images used.
+    pub n_train: usize,
+    /// Validation images used.
+    pub n_validation: usize,
+    /// Wall time of the epochs, seconds.
+    pub train_secs: f64,
+    /// Wall time decoding/preparing images, seconds.
+    pub prepare_secs: f64,
+    /// The device it ran on.
+    pub device: String,
+    /// One report per epoch.
+    pub history: Vec<EpochReport>,
+}
+
+/// What the training worker reports.
+#[derive(Debug, Clone)]
+pub enum TrainEvent {
+    /// Images are being decoded and downscaled.
+    Preparing {
+        /// Images done.
+        done: usize,
+        /// Images in all.
+        total: usize,
+    },
+    /// A problem that does not stop training (e.g. an unreadable image, skipped).
+    Warning {
+        /// What happened, naming the file.
+        message: String,
+    },
+    /// Training started.
+    Started {
+        /// Training images.
+        n_train: usize,
+        /// Validation images.
+        n_validation: usize,
+        /// Epochs planned.
+        max_epochs: u32,
+        /// Network parameters.
+        parameters: usize,
+        /// Device description.
+        device: String,
+    },
+    /// Progress inside an epoch (throttled).
+    Batch {
+        /// Epoch number, from 1.
+        epoch: u32,
+        /// Batches done in this epoch.
+        batch: usize,
+        /// Batches per epoch.
+        batches: usize,
+        /// Current training loss (mean of this epoch so far).
+        loss: f64,
+        /// Throughput so far, images per second.
+        images_per_sec: f64,
+        /// Estimated seconds left if all epochs run.
+        eta_secs: f64,
+    },
+    /// An epoch ended.
+    Epoch(EpochReport),
+    /// Training finished and the model file was written.
+    Finished {
+        /// The summary (also in the model file).
+        summary: TrainingSummary,
+        /// The model file written.
+        model_path: PathBuf,
+        /// Suggested thresholds.
+        thresholds: Thresholds,
+    },
+    /// Stopped by the user; no model file was written.
+    Cancelled {
+        /// Epochs completed.
+        epochs_done: u32,
+    },
+    /// Failed; no model file was written.
+    Failed {
+        /// What went wrong and what to change.
+        message: String,
+    },
+}
+
+impl TrainEvent {
+    /// Whether this is the last event of a run.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            TrainEvent::Finished { .. } | TrainEvent::Cancelled { .. } | TrainEvent::Failed { .. }
+        )
+    }
+}
+
+/// Everything a training run needs.
+#[derive(Debug, Clone)]
+pub struct TrainRequest {
+    /// Model type.
+    pub framework: Framework,
+    /// The good images to learn from (validation is split off them).
+    pub images: Vec<ImportedImage>,
+    /// Image size and complexity.
+    pub dataset: DatasetSettings,
+    /// Epochs, error threshold and optimiser settings.
+    pub training: TrainingSettings,
+    /// Where to write the model file.
+    pub model_path: PathBuf,
+    /// Prepared-image cache.
+    pub cache: DatasetCache,
+    /// Where to compute.
+    pub device: ComputeDevice,
+}
+
+/// Why training could not produce a model.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Too few usable images.
+    #[error("training needs at least {MIN_TRAINING_IMAGES} readable good images, found {found}")]
+    TooFewImages {
+        /// Usable images found.
+        found: usize,
+    },
+    /// The loss became NaN or infinite.
+    #[error(
+        "training diverged at epoch {epoch} (loss is not a number); lower the learning rate (now {learning_rate}) or the complexity"
+    )]
+    Diverged {
+        /// Epoch where it happened.
+        epoch: u32,
+        /// Learning rate used.
+        learning_rate: f64,
+    },
+    /// The settings are unusable.
+    #[error("invalid training settings: {0}")]
+    InvalidSettings(String),
+    /// Writing the model failed.
+    #[error(transparent)]
+    ModelFile(#[from] crate::engine::model::ModelFileError),
+    /// Stopped by the user.
+    #[error("training cancelled after {epochs_done} epochs")]
+    Cancelled {
+        /// Epochs completed.
+        epochs_done: u32,
+    },
+}
+
+/// A training running on a worker thread.
+pub struct TrainingHandle {
+    /// Events from the worker; the channel closes when it ends.
+    pub events: Receiver<TrainEvent>,
+    /// Set to cancel (checked before every batch).
+    pub stop: StopFlag,
+    /// The worker thread.
+    pub thread: JoinHandle<Result<TrainingSummary, TrainError>>,
+}
+
+/// Starts [`train`] on a worker thread.
+pub fn spawn_training(request: TrainRequest) -> TrainingHandle {
+    let (tx, rx) = sync_channel(EVENT_CHANNEL_CAPACITY);
+    let stop = StopFlag::new();
+    let worker_stop = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("inkspect-training".into())
+        .spawn(move || train(request, &tx, &worker_stop))
+        .expect("the OS can start a thread");
+    TrainingHandle {
+        events: rx,
+        stop,
+        thread,
+    }
+}
+
+/// Sends events, dropping throttled ones the receiver has no room for; a closed receiver is
+/// ignored (training carries on and still writes its model).
+struct EventSink<'a> {
+    tx: &'a SyncSender<TrainEvent>,
+    last: Instant,
+}
+
+impl EventSink<'_> {
+    fn always(&mut self, event: TrainEvent) {
+        let _ = self.tx.send(event);
+    }
+
+    fn throttled(&mut self, event: TrainEvent) {
+        if self.last.elapsed() >= EVENT_INTERVAL {
+            self.last = Instant::now();
+            if let Err(TrySendError::Full(_)) = self.tx.try_send(event) {
+                log::debug!("training event dropped: receiver is behind");
+            }
+        }
+    }
+}
+
+/// Trains a model on the calling thread, reporting through `events`, and writes the model file.
+/// Every run ends with exactly one terminal event (Finished, Cancelled or Failed).
+pub fn train(
+    request: TrainRequest,
+    events: &SyncSender<TrainEvent>,
+    stop: &StopFlag,
+) -> Result<TrainingSummary, TrainError> {
+    let mut sink = EventSink {
+        tx: events,
+        last: Instant::now() - EVENT_INTERVAL,
+    };
+    let result = run(&request, &mut sink, stop);
+    match &result {
+        // `Finished` was sent by `run` once the model file was written.
+        Ok(_) => {}
+        Err(TrainError::Cancelled { epochs_done }) => sink.always(TrainEvent::Cancelled {
+            epochs_done: *epochs_done,
+        }),
+        Err(e) => sink.always(TrainEvent::Failed {
+            message: e.to_string(),
+        }),
+    }
+    result
+}
+
+fn run(
+    request: &TrainRequest,
+    sink: &mut EventSink<'_>,
+    stop: &StopFlag,
+) -> Result<TrainingSummary, TrainError> {
+    let settings = request.training;
+    if settings.max_epochs == 0 {
+        return Err(TrainError::InvalidSettings("epochs must be at least 1".into()));
+    }
+    if settings.batch_size == 0 {
+        return Err(TrainError::InvalidSettings("batch size must be at least 1".into()));
+    }
+    if !(settings.learning_rate.is_finite() && settings.learning_rate > 0.0) {
+        return Err(TrainError::InvalidSettings("learning rate must be positive".into()));
+    }
+    let size = request.dataset.effective_size_px();
+    let mode = ColourMode::for_dataset(request.images.iter().map(|i| i.mode));
+
+    // Prepare (cache hits cost a file read; misses decode and downscale).
+    let prepare_start = Instant::now();
+    let total = request.images.len();
+    let mut prepared: Vec<(String, PreparedImage)> = Vec::with_capacity(total);
+    {
+        use rayon::prelude::*;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let done = AtomicUsize::new(0);
+        let tx = sink.tx;
+        let progress_every = (total / 50).max(1);
+        let results: Vec<_> = request
+            .images
+            .par_iter()
+            .map(|img| {
+                if stop.is_set() {
+                    return None;
+                }
+                let r = match request.cache.load(&img.content_hash, size, mode) {
+                    Some(hit) => Ok(hit),
+                    None => prepare_file(&img.path, size, mode, &request.cache),
+                };
+                let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+                if n % progress_every == 0 {
+                    let _ = tx.try_send(TrainEvent::Preparing { done: n, total });
+                }
+                Some((img.content_hash.clone(), r))
+            })
+            .collect();
+        for r in results {
+            match r {
+                None => return Err(TrainError::Cancelled { epochs_done: 0 }),
+                Some((hash, Ok(p))) => prepared.push((hash, p)),
+                Some((_, Err(e))) => sink.always(TrainEvent::Warning {
+                    message: format!("skipped: {e}"),
+                }),
+            }
+        }
+        sink.always(TrainEvent::Preparing { done: total, total });
+    }
+    let prepare_secs = prepare_start.elapsed().as_secs_f64();
+    if prepared.len() < MIN_TRAINING_IMAGES {
+        return Err(TrainError::TooFewImages {
+            found: prepared.len(),
+        });
+    }
+    let keys: Vec<String> = prepared.iter().map(|(h, _)| h.clone()).collect();
+    let split = split_train_validation(&keys, settings.seed);
+    let train_set: Vec<&PreparedImage> = split.train.iter().map(|&i| &prepared[i].1).collect();
+    let val_set: Vec<&PreparedImage> = split.validation.iter().map(|&i| &prepared[i].1).collect();
+
+    let spec = autoencoder_spec_for(request.dataset.effective_complexity(), mode.channels());
+    let device = request.device.device.clone();
+    let ad_device = device.clone().autodiff();
+    device.seed(settings.seed);
+    ad_device.seed(settings.seed);
+    let mut network = spec.init(&ad_device);
+    let mut optimizer = AdamConfig::new().init();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(settings.seed);
+
+    sink.always(TrainEvent::Started {
+        n_train: train_set.len(),
+        n_validation: val_set.len(),
+        max_epochs: settings.max_epochs,
+        parameters: spec.parameter_count(),
+        device: request.device.description.clone(),
+    });
+
+    let batches = train_set.len().div_ceil(settings.batch_size);
+    let train_start = Instant::now();
+    let mut history: Vec<EpochReport> = Vec::new();
+    let mut stop_reason = StopReason::MaxEpochs;
+    let mut order: Vec<usize> = (0..train_set.len()).collect();
+    let mut images_done_total = 0usize;
+    for epoch in 1..=settings.max_epochs {
+        order.shuffle(&mut rng);
+        let epoch_start = Instant::now();
+        let mut loss_sum = 0.0f64;
+        let mut images_done = 0usize;
+        for (b, chunk) in order.chunks(settings.batch_size).enumerate() {
+            if stop.is_set() {
+                return Err(TrainError::Cancelled {
+                    epochs_done: epoch - 1,
+                });
+            }
+            let batch: Vec<&PreparedImage> = chunk.iter().map(|&i| train_set[i]).collect();
+            let input = batch_tensor(&batch, &ad_device);
+            let recon = network.forward(input.clone());
+            let loss = (recon - input).square().mean();
+            let loss_value = f64::from(loss.clone().into_scalar::<f32>());
+            if !loss_value.is_finite() {
+                return Err(TrainError::Diverged {
+                    epoch,
+                    learning_rate: settings.learning_rate,
+                });
+            }
+            let grads = GradientsParams::from_grads(loss.backward(), &network);
+            network = optimizer.step(settings.learning_rate, network, grads);
+            loss_sum += loss_value * batch.len() as f64;
+            images_done += batch.len();
+            images_done_total += batch.len();
+            let elapsed = train_start.elapsed().as_secs_f64();
+            let rate = images_done_total as f64 / elapsed.max(1e-9);
+            let remaining = (settings.max_epochs as usize * train_set.len())
+                .saturating_sub(images_done_total) as f64;
+            sink.throttled(TrainEvent::Batch {
+                epoch,
+                batch: b + 1,
+                batches,
+                loss: loss_sum / images_done as f64,
+                images_per_sec: rate,
+                eta_secs: remaining / rate.max(1e-9),
+            });
+        }
+        let train_loss = loss_sum / images_done.max(1) as f64;
+        let validation_loss = if val_set.is_empty() {
+            train_loss
+        } else {
+            mean_squared_error(&network.valid(), &val_set, settings.batch_size, &device)
+        };
+        if !validation_loss.is_finite() {
+            return Err(TrainError::Diverged {
+                epoch,
+                learning_rate: settings.learning_rate,
+            });
+        }
+        let elapsed_secs = train_start.elapsed().as_secs_f64();
+        let per_epoch = elapsed_secs / f64::from(epoch);
+        let report = EpochReport {
+            epoch,
+            max_epochs: settings.max_epochs,
+            train_loss,
+            validation_loss,
+            images_per_sec: images_done as f64 / epoch_start.elapsed().as_secs_f64().max(1e-9),
+            elapsed_secs,
+            eta_secs: per_epoch * f64::from(settings.max_epochs - epoch),
+        };
+        history.push(report);
+        sink.always(TrainEvent::Epoch(report));
+        if settings.error_threshold > 0.0 && validation_loss <= settings.error_threshold {
+            stop_reason = StopReason::ErrorThreshold;
+            break;
+        }
+    }
+    let train_secs = train_start.elapsed().as_secs_f64();
+
+    // Validation scores give the suggested thresholds (training images when there is no
+    // validation set, which makes the suggestion optimistic).
+    let trained = network.valid();
+    let header_stub = |scores: Vec<f32>, thresholds: Thresholds, summary: TrainingSummary| {
+        ModelHeader {
+            framework: request.framework,
+            autoencoder: spec.clone(),
+            mode,
+            image_size_px: size,
+            complexity: request.dataset.effective_complexity(),
+            suggested_thresholds: thresholds,
+            validation_scores: scores,
+            training: summary,
+            inkspect_version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    };
+    let summary = TrainingSummary {
+        epochs_run: history.len() as u32,
+        settings,
+        stop_reason,
+        n_train: train_set.len(),
+        n_validation: val_set.len(),
+        train_secs,
+        prepare_secs,
+        device: request.device.description.clone(),
+        history,
+    };
+    let scoring_set = if val_set.is_empty() { &train_set } else { &val_set };
+    let placeholder = Thresholds {
+        segmentation: 0.0,
+        classification: 0.0,
+    };
+    let inspector = Inspector::from_model(
+        ModelFile {
+            header: header_stub(Vec::new(), placeholder, summary.clone()),
+            network: trained,
+        },
+        &device,
+    );
+    let scores = inspector.scores_of_prepared(scoring_set, settings.batch_size);
+    let thresholds = suggest_thresholds(&scores).unwrap_or(placeholder);
+    let model = ModelFile {
+        header: header_stub(scores, thresholds, summary.clone()),
+        network: inspector.into_network(),
+    };
+    if stop.is_set() {
+        return Err(TrainError::Cancelled {
+            epochs_done: summary.epochs_run,
+        });
+    }
+    model.save(&request.model_path)?;
+    sink.always(TrainEvent::Finished {
+        summary: summary.clone(),
+        model_path: request.model_path.clone(),
+        thresholds,
+    });
+    Ok(summary)
+}
+
+/// Mean squared reconstruction error of `images` (pixel values in `[0, 1]`).
+fn mean_squared_error(
+    network: &crate::engine::model::ConvAutoencoder,
+    images: &[&PreparedImage],
+    batch_size: usize,
+    device: &Device,
+) -> f64 {
+    let mut sum = 0.0f64;
+    for chunk in images.chunks(batch_size.max(1)) {
+        let input = batch_tensor(chunk, device);
+        let recon = network.forward(input.clone());
+        let mse = f64::from((recon - input).square().mean().into_scalar::<f32>());
+        sum += mse * chunk.len() as f64;
+    }
+    sum / images.len().max(1) as f64
+}

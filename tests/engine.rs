@@ -1,0 +1,288 @@
+//! End-to-end engine tests on synthetic images generated here (no external data): import, train,
+//! early stop, cancel, reload, inspect, mono and colour.
+
+use std::path::{Path, PathBuf};
+
+use inkspect::engine::StopFlag;
+use inkspect::engine::dataset::decode::ColourMode;
+use inkspect::engine::dataset::import::{
+    ImageRole, ImportOptions, ImportReport, collect_image_files, import_items, items_with_role,
+    scan_mvtec,
+};
+use inkspect::engine::dataset::prepare::{DatasetCache, DatasetSettings, split_train_validation};
+use inkspect::engine::demo::{DemoSpec, write_demo_dataset};
+use inkspect::engine::device::cpu_device;
+use inkspect::engine::inference::{Class, Inspector};
+use inkspect::engine::metrics::auroc;
+use inkspect::engine::model::{Framework, ModelFile};
+use inkspect::engine::training::{
+    StopReason, TrainEvent, TrainRequest, TrainingSettings, spawn_training,
+};
+
+fn demo(dir: &Path, colour: bool) -> PathBuf {
+    let spec = DemoSpec {
+        colour,
+        ..DemoSpec::tiny()
+    };
+    write_demo_dataset(dir, &spec).expect("demo dataset is written");
+    dir.to_path_buf()
+}
+
+fn import_folder(folder: &Path, cache: &DatasetCache) -> ImportReport {
+    let (files, failures) = collect_image_files(&[folder.to_path_buf()]);
+    assert!(failures.is_empty(), "{failures:?}");
+    import_items(
+        &items_with_role(files, ImageRole::TrainGood),
+        &ImportOptions {
+            prepare: Some((64, cache.clone())),
+            known_hashes: Default::default(),
+        },
+        &|_, _| {},
+        &StopFlag::new(),
+    )
+}
+
+fn request(report: &ImportReport, model: &Path, cache: &DatasetCache, training: TrainingSettings) -> TrainRequest {
+    TrainRequest {
+        framework: Framework::ConvAutoencoder,
+        images: report.imported.clone(),
+        dataset: DatasetSettings {
+            image_size_px: 64,
+            complexity: 20,
+        },
+        training,
+        model_path: model.to_path_buf(),
+        cache: cache.clone(),
+        device: cpu_device(),
+    }
+}
+
+/// Runs a training to the end and returns all its events.
+fn run_to_end(req: TrainRequest) -> Vec<TrainEvent> {
+    let handle = spawn_training(req);
+    let events: Vec<TrainEvent> = handle.events.iter().collect();
+    let _ = handle.thread.join().expect("training thread does not panic");
+    events
+}
+
+fn test_scores(inspector: &Inspector, root: &Path) -> (Vec<f32>, Vec<f32>, Vec<Class>) {
+    let items: Vec<_> = scan_mvtec(root)
+        .items
+        .into_iter()
+        .filter(|i| i.role != ImageRole::TrainGood)
+        .collect();
+    let paths: Vec<PathBuf> = items.iter().map(|i| i.path.clone()).collect();
+    let thresholds = inspector.suggested_thresholds();
+    let (mut good, mut nok, mut classes) = (Vec::new(), Vec::new(), Vec::new());
+    let mut i = 0;
+    inspector.inspect_files(&paths, thresholds, 4, &mut |(_, r)| {
+        let ins = r.expect("demo images decode");
+        if items[i].role == ImageRole::TestGood {
+            good.push(ins.score);
+        } else {
+            nok.push(ins.score);
+            classes.push(ins.class);
+        }
+        i += 1;
+    });
+    (good, nok, classes)
+}
+
+#[test]
+fn mono_training_separates_defects_reloads_identically_and_reports_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = demo(&dir.path().join("demo"), false);
+    let cache = DatasetCache::in_dir(dir.path().join("cache"));
+    let report = import_folder(&root.join("train/good"), &cache);
+    assert_eq!(report.imported.len(), DemoSpec::tiny().n_train_good);
+    assert!(report.imported.iter().all(|i| i.mode == ColourMode::Mono));
+    let model = dir.path().join("m.ink");
+    let events = run_to_end(request(
+        &report,
+        &model,
+        &cache,
+        TrainingSettings {
+            max_epochs: 40,
+            batch_size: 4,
+            ..TrainingSettings::default()
+        },
+    ));
+    assert!(matches!(events.first(), Some(TrainEvent::Preparing { .. })));
+    let epochs: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::Epoch(r) => Some(*r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(epochs.len(), 40);
+    assert!(
+        epochs.last().unwrap().train_loss < epochs[0].train_loss,
+        "loss falls: {epochs:?}"
+    );
+    let Some(TrainEvent::Finished { summary, .. }) = events.last() else {
+        panic!("last event is Finished: {:?}", events.last());
+    };
+    assert_eq!(summary.stop_reason, StopReason::MaxEpochs);
+
+    let device = cpu_device().device;
+    let inspector = Inspector::load(&model, &device).unwrap();
+    let (good, nok, classes) = test_scores(&inspector, &root);
+    let a = auroc(&good, &nok).unwrap();
+    assert!(a >= 0.9, "image AUROC {a}: good {good:?} nok {nok:?}");
+    assert!(classes.iter().filter(|&&c| c == Class::Nok).count() * 2 >= classes.len());
+
+    // The reloaded network gives the scores the in-memory network computed before saving.
+    let header = &inspector.header;
+    let keys: Vec<String> = report.imported.iter().map(|i| i.content_hash.clone()).collect();
+    let split = split_train_validation(&keys, TrainingSettings::default().seed);
+    let prepared: Vec<_> = split
+        .validation
+        .iter()
+        .map(|&i| cache.load(&keys[i], 64, ColourMode::Mono).expect("import filled the cache"))
+        .collect();
+    let refs: Vec<_> = prepared.iter().collect();
+    let reloaded = inspector.scores_of_prepared(&refs, 4);
+    assert_eq!(reloaded.len(), header.validation_scores.len());
+    for (a, b) in reloaded.iter().zip(&header.validation_scores) {
+        assert!((a - b).abs() <= 1e-5 * b.abs().max(1e-3), "{a} vs {b}");
+    }
+}
+
+#[test]
+fn loose_error_threshold_stops_early_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = demo(&dir.path().join("demo"), false);
+    let cache = DatasetCache::in_dir(dir.path().join("cache"));
+    let report = import_folder(&root.join("train/good"), &cache);
+    let model = dir.path().join("m.ink");
+    let events = run_to_end(request(
+        &report,
+        &model,
+        &cache,
+        TrainingSettings {
+            max_epochs: 50,
+            error_threshold: 0.5,
+            ..TrainingSettings::default()
+        },
+    ));
+    let Some(TrainEvent::Finished { summary, .. }) = events.last() else {
+        panic!("finished: {:?}", events.last());
+    };
+    assert_eq!(summary.stop_reason, StopReason::ErrorThreshold);
+    assert_eq!(summary.epochs_run, 1);
+    let header = ModelFile::read_header(&model).unwrap();
+    assert_eq!(header.training.stop_reason, StopReason::ErrorThreshold);
+}
+
+#[test]
+fn cancel_stops_before_the_next_batch_and_keeps_the_previous_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = demo(&dir.path().join("demo"), false);
+    let cache = DatasetCache::in_dir(dir.path().join("cache"));
+    let report = import_folder(&root.join("train/good"), &cache);
+    let model = dir.path().join("m.ink");
+    std::fs::write(&model, b"previous model").unwrap();
+    let settings = TrainingSettings {
+        max_epochs: 1000,
+        batch_size: 1,
+        ..TrainingSettings::default()
+    };
+    let handle = spawn_training(request(&report, &model, &cache, settings));
+    let mut batches_after_stop = 0;
+    let mut stopped = false;
+    let mut last = None;
+    for event in handle.events.iter() {
+        match &event {
+            TrainEvent::Batch { .. } | TrainEvent::Epoch(_) if !stopped => {
+                handle.stop.set();
+                stopped = true;
+            }
+            TrainEvent::Batch { .. } => batches_after_stop += 1,
+            _ => {}
+        }
+        last = Some(event);
+    }
+    assert!(handle.thread.join().unwrap().is_err());
+    assert!(matches!(last, Some(TrainEvent::Cancelled { epochs_done }) if epochs_done < 1000));
+    assert!(batches_after_stop <= 1, "{batches_after_stop} batch events after the stop");
+    assert_eq!(std::fs::read(&model).unwrap(), b"previous model");
+
+    // A stop set before the first batch trains nothing and writes nothing.
+    let handle = spawn_training(request(&report, &dir.path().join("new.ink"), &cache, settings));
+    handle.stop.set();
+    let events: Vec<_> = handle.events.iter().collect();
+    assert!(matches!(events.last(), Some(TrainEvent::Cancelled { epochs_done: 0 })));
+    assert!(!dir.path().join("new.ink").exists());
+}
+
+#[test]
+fn colour_images_train_and_inspect_in_colour() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = demo(&dir.path().join("demo"), true);
+    let cache = DatasetCache::in_dir(dir.path().join("cache"));
+    let report = import_folder(&root.join("train/good"), &cache);
+    assert!(report.imported.iter().all(|i| i.mode == ColourMode::Colour));
+    let model = dir.path().join("c.ink");
+    let events = run_to_end(request(
+        &report,
+        &model,
+        &cache,
+        TrainingSettings {
+            max_epochs: 3,
+            ..TrainingSettings::default()
+        },
+    ));
+    assert!(matches!(events.last(), Some(TrainEvent::Finished { .. })), "{:?}", events.last());
+    let inspector = Inspector::load(&model, &cpu_device().device).unwrap();
+    assert_eq!(inspector.mode(), ColourMode::Colour);
+    assert_eq!(inspector.header.autoencoder.channels, 3);
+    let (good, nok, _) = test_scores(&inspector, &root);
+    assert!(good.iter().chain(&nok).all(|s| s.is_finite() && *s >= 0.0));
+}
+
+#[test]
+fn a_corrupt_file_is_reported_by_name_and_the_rest_imported() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = demo(&dir.path().join("demo"), false);
+    let folder = root.join("train/good");
+    std::fs::write(folder.join("broken.png"), b"\x89PNG\r\n\x1a\n not really").unwrap();
+    std::fs::write(folder.join("empty.jpg"), b"").unwrap();
+    std::fs::copy(folder.join("good_000.png"), folder.join("copy of good_000.png")).unwrap();
+    let (files, _) = collect_image_files(&[folder.clone()]);
+    let report = import_items(
+        &items_with_role(files, ImageRole::TrainGood),
+        &ImportOptions::default(),
+        &|_, _| {},
+        &StopFlag::new(),
+    );
+    assert_eq!(report.imported.len(), DemoSpec::tiny().n_train_good);
+    assert_eq!(report.failures.len(), 2);
+    assert!(report.failures.iter().any(|f| f.reason.contains("broken.png")));
+    assert!(report.failures.iter().any(|f| f.reason.contains("empty.jpg")));
+    assert_eq!(report.duplicates.len(), 1);
+}
+
+#[test]
+fn corrupt_model_files_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.ink");
+    std::fs::write(&bad, b"not a model at all").unwrap();
+    let e = Inspector::load(&bad, &cpu_device().device).unwrap_err();
+    assert!(e.to_string().contains("bad.ink"), "{e}");
+}
+
+#[test]
+fn mvtec_layout_scan_finds_roles_kinds_and_masks() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = demo(&dir.path().join("demo"), false);
+    let layout = scan_mvtec(&root);
+    let spec = DemoSpec::tiny();
+    let count = |r| layout.items.iter().filter(|i| i.role == r).count();
+    assert_eq!(count(ImageRole::TrainGood), spec.n_train_good);
+    assert_eq!(count(ImageRole::TestGood), spec.n_test_good);
+    let nok: Vec<_> = layout.items.iter().filter(|i| i.role == ImageRole::TestNok).collect();
+    assert_eq!(nok.len(), 4 * spec.n_test_nok_per_kind);
+    assert!(nok.iter().all(|i| i.mask.as_ref().is_some_and(|m| m.is_file())));
+    assert!(nok.iter().all(|i| i.defect_kind.is_some()));
+}

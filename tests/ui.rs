@@ -1,0 +1,217 @@
+//! The desktop app driven through real widgets with egui_kittest: new project, import synthetic
+//! good images, tiny size and few epochs, train, wait for the model, evaluate, and move the
+//! classification slider until the verdict flips. Snapshots of each tab.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use eframe::egui;
+use egui::accesskit::Role;
+use egui_kittest::kittest::Queryable;
+use egui_kittest::{Harness, SnapshotOptions};
+use inkspect::engine::dataset::import::ImageRole;
+use inkspect::engine::dataset::prepare::DatasetCache;
+use inkspect::engine::demo::{DemoSpec, write_demo_dataset};
+use inkspect::engine::inference::Class;
+use inkspect::ui::evaluation_tab::CLASSIFICATION_SLIDER;
+use inkspect::ui::notifications::Notifier;
+use inkspect::ui::{Command, InkspectApp, Tab};
+
+/// Records notifications instead of showing them.
+#[derive(Clone, Default)]
+struct RecordingNotifier(Arc<Mutex<Vec<(String, String)>>>);
+
+impl Notifier for RecordingNotifier {
+    fn notify(&self, summary: &str, body: &str) -> Result<(), String> {
+        self.0.lock().unwrap().push((summary.into(), body.into()));
+        Ok(())
+    }
+}
+
+fn harness(notifier: RecordingNotifier, cache: &Path) -> Harness<'static, InkspectApp> {
+    let cache = DatasetCache::in_dir(cache);
+    Harness::builder()
+        .with_size(egui::vec2(1280.0, 820.0))
+        .build_eframe(move |cc| {
+            let mut app = InkspectApp::for_tests(&cc.egui_ctx, Box::new(notifier));
+            app.cache = cache;
+            app
+        })
+}
+
+/// Steps the app (background work runs on real threads) until `done` holds.
+fn step_until(h: &mut Harness<'static, InkspectApp>, what: &str, limit: Duration, done: impl Fn(&InkspectApp) -> bool) {
+    let start = Instant::now();
+    while !done(h.state()) {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        h.step();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    h.step();
+}
+
+fn snapshot_options() -> SnapshotOptions {
+    // Text such as images/s and timings differs between runs and renderers.
+    SnapshotOptions::new().threshold(2.0).max_failed_pixels(6000)
+}
+
+#[test]
+fn whole_flow_by_clicking_train_evaluate_and_flip_the_verdict() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().join("demo");
+    write_demo_dataset(&demo, &DemoSpec::tiny()).unwrap();
+    let notifier = RecordingNotifier::default();
+    let mut h = harness(notifier.clone(), &dir.path().join("cache"));
+
+    h.get_by_label("New").click();
+    h.run();
+    h.state_mut().send(Command::SaveProjectAs(dir.path().join("dies.inkspect")));
+    h.run();
+    assert_eq!(h.state().project.name, "dies");
+    assert!(!h.state().dirty);
+
+    // The "Import good images…" button opens a native dialog; the test sends the command it sends.
+    h.state_mut().send(Command::Import {
+        paths: vec![demo.join("train/good")],
+        role: ImageRole::TrainGood,
+    });
+    step_until(&mut h, "import", Duration::from_secs(60), |a| a.import.is_none() && a.queue.is_empty());
+    assert_eq!(h.state().project.counts().train_good, DemoSpec::tiny().n_train_good);
+    assert!(h.state().dirty, "an import is an unsaved change");
+
+    // Tiny size, few epochs, through the widgets.
+    h.get_by_label("Image size (px)").set_value_accesskit(64.0);
+    h.run();
+    assert_eq!(h.state().project.dataset.image_size_px, 64);
+    step_until(&mut h, "thumbnails", Duration::from_secs(30), |a| a.thumbnails.pending() == 0);
+    h.remove_cursor();
+    h.run();
+    h.snapshot_options("dataset_tab", &snapshot_options());
+
+    h.get_by_label("2  Training").click();
+    h.run();
+    assert_eq!(h.state().tab, Tab::Training);
+    h.get_by_label("Epochs").set_value_accesskit(25.0);
+    h.run();
+    assert_eq!(h.state().project.training.max_epochs, 25);
+    h.get_by_role_and_label(Role::Button, "Train").click();
+    h.step();
+    assert!(h.state().is_training(), "Train starts a background training");
+    let mut frames_while_training = 0u32;
+    step_until(&mut h, "training", Duration::from_secs(600), |a| !a.is_training());
+    frames_while_training += 1;
+    let app = h.state();
+    assert!(app.project.model_path.as_ref().is_some_and(|p| p.is_file()), "model written");
+    assert!(!app.dirty, "the project is saved when the model is ready");
+    eprintln!(
+        "longest UI frame while training: {:.2} ms ({frames_while_training})",
+        app.max_ui_ms_while_training
+    );
+    let sent = notifier.0.lock().unwrap().clone();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert!(sent[0].0.contains("dies") && sent[0].0.contains("model ready"), "{sent:?}");
+    h.remove_cursor();
+    h.run();
+    h.snapshot_options("training_tab", &snapshot_options());
+
+    // Test images from the MVTec-layout demo folder (good and nok, with masks).
+    h.state_mut().send(Command::Import {
+        paths: vec![demo.clone()],
+        role: ImageRole::TrainGood,
+    });
+    step_until(&mut h, "test import", Duration::from_secs(60), |a| a.import.is_none() && a.queue.is_empty());
+    let counts = h.state().project.counts();
+    assert_eq!(counts.test_good, DemoSpec::tiny().n_test_good);
+    assert_eq!(counts.test_nok, 4 * DemoSpec::tiny().n_test_nok_per_kind);
+
+    h.get_by_label("3  Evaluation").click();
+    h.run();
+    h.get_by_label("Run model").click();
+    h.step();
+    step_until(&mut h, "scoring", Duration::from_secs(120), |a| a.evaluation.scoring.is_none() && a.queue.is_empty());
+
+    // The highest-scoring nok image, clicked in the list.
+    let app = h.state();
+    let (index, name) = app
+        .project
+        .images
+        .iter()
+        .enumerate()
+        .filter(|(_, img)| img.role == ImageRole::TestNok)
+        .max_by(|a, b| {
+            let s = |i: usize| app.evaluation.scores.get(&i).and_then(|r| r.as_ref().ok().copied()).unwrap_or(0.0);
+            s(a.0).total_cmp(&s(b.0))
+        })
+        .map(|(i, img)| (i, img.path.file_name().unwrap().to_string_lossy().into_owned()))
+        .unwrap();
+    h.get_by_label_contains(&name).click();
+    h.step();
+    step_until(&mut h, "inspection", Duration::from_secs(60), |a| {
+        a.evaluation.viewer.as_ref().is_some_and(|v| v.index == index)
+    });
+    let viewer = h.state().evaluation.viewer.as_ref().unwrap();
+    assert_eq!(viewer.inspection.class, Class::Nok, "score {} vs {:?}", viewer.inspection.score, viewer.inspection.thresholds);
+    assert_eq!(viewer.inspection.class_id(), 1);
+    assert!(viewer.inspection.region.area_px > 0);
+    let score = viewer.inspection.score;
+    h.remove_cursor();
+    h.run();
+    h.snapshot_options("evaluation_tab", &snapshot_options());
+
+    // Move the classification threshold above the score: the verdict flips to good, live.
+    h.get_by_role_and_label(Role::Slider, CLASSIFICATION_SLIDER)
+        .set_value_accesskit(f64::from(score) * 1.5);
+    h.run();
+    let app = h.state();
+    let t = app.thresholds().unwrap();
+    assert!(t.classification > score, "{} <= {score}", t.classification);
+    let viewer = app.evaluation.viewer.as_ref().unwrap();
+    assert_eq!(viewer.inspection.class, Class::Good);
+    assert_eq!(viewer.inspection.class_id(), 0);
+    assert!(app.dirty);
+
+    // Everything is in the project file: reopening restores images, model and thresholds.
+    h.state_mut().send(Command::SaveProject);
+    h.run();
+    h.state_mut().send(Command::OpenProject(dir.path().join("dies.inkspect")));
+    h.run();
+    let app = h.state();
+    assert_eq!(app.project.counts(), counts);
+    assert_eq!(app.project.thresholds, Some(t));
+    assert!(app.project.model_path.is_some());
+}
+
+#[test]
+fn closing_with_unsaved_changes_asks_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = harness(RecordingNotifier::default(), &dir.path().join("cache"));
+    h.state_mut().dirty = true;
+    h.input_mut()
+        .viewports
+        .get_mut(&egui::ViewportId::ROOT)
+        .unwrap()
+        .events
+        .push(egui::ViewportEvent::Close);
+    h.step();
+    h.run();
+    assert!(h.state().confirm_close);
+    h.get_by_label("Cancel").click();
+    h.run();
+    assert!(!h.state().confirm_close);
+}
+
+#[test]
+fn a_project_that_cannot_be_opened_shows_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("broken.inkspect");
+    std::fs::write(&file, b"{ not json").unwrap();
+    let mut h = harness(RecordingNotifier::default(), &dir.path().join("cache"));
+    h.state_mut().send(Command::OpenProject(file));
+    h.run();
+    let msg = h.state().error_dialog.clone().expect("an error dialog");
+    assert!(msg.contains("broken.inkspect"), "{msg}");
+    h.get_by_label("OK").click();
+    h.run();
+    assert!(h.state().error_dialog.is_none());
+}

@@ -268,12 +268,16 @@ fn train(args: TrainArgs, device: DevicePreference) -> Result<()> {
                 }
             }
             TrainEvent::Epoch(r) => {
-                if let Some(p) = &pb {
-                    p.set_position(u64::from(r.epoch));
-                    p.println(format!(
-                        "epoch {:>3}/{}: train {:.6}  validation {:.6}  {:.1} img/s",
-                        r.epoch, r.max_epochs, r.train_loss, r.validation_loss, r.images_per_sec
-                    ));
+                let line = format!(
+                    "epoch {:>3}/{}: train {:.6}  validation {:.6}  {:.1} img/s  {:.0} s",
+                    r.epoch, r.max_epochs, r.train_loss, r.validation_loss, r.images_per_sec, r.elapsed_secs
+                );
+                match &pb {
+                    Some(p) if !p.is_hidden() => {
+                        p.set_position(u64::from(r.epoch));
+                        p.println(line);
+                    }
+                    _ => eprintln!("{line}"),
                 }
             }
             TrainEvent::Finished {
@@ -421,7 +425,11 @@ fn infer(args: InferArgs, device: DevicePreference) -> Result<()> {
             }
             Err(e) => {
                 n_failed += 1;
-                pb.println(format!("skipped: {e}"));
+                if pb.is_hidden() {
+                    eprintln!("skipped: {e}");
+                } else {
+                    pb.println(format!("skipped: {e}"));
+                }
             }
         }
     });

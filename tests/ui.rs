@@ -85,6 +85,7 @@ fn whole_flow_by_clicking_train_evaluate_and_flip_the_verdict() {
     h.run();
     assert_eq!(h.state().project.dataset.image_size_px, 64);
     step_until(&mut h, "thumbnails", Duration::from_secs(30), |a| a.thumbnails.pending() == 0);
+    h.state_mut().toasts.clear();
     h.remove_cursor();
     h.run();
     h.snapshot_options("dataset_tab", &snapshot_options());
@@ -96,7 +97,7 @@ fn whole_flow_by_clicking_train_evaluate_and_flip_the_verdict() {
     h.run();
     assert_eq!(h.state().project.training.max_epochs, 25);
     h.get_by_role_and_label(Role::Button, "Train").click();
-    h.step();
+    h.run();
     assert!(h.state().is_training(), "Train starts a background training");
     let mut frames_while_training = 0u32;
     step_until(&mut h, "training", Duration::from_secs(600), |a| !a.is_training());
@@ -111,6 +112,7 @@ fn whole_flow_by_clicking_train_evaluate_and_flip_the_verdict() {
     let sent = notifier.0.lock().unwrap().clone();
     assert_eq!(sent.len(), 1, "{sent:?}");
     assert!(sent[0].0.contains("dies") && sent[0].0.contains("model ready"), "{sent:?}");
+    h.state_mut().toasts.clear();
     h.remove_cursor();
     h.run();
     h.snapshot_options("training_tab", &snapshot_options());
@@ -128,7 +130,7 @@ fn whole_flow_by_clicking_train_evaluate_and_flip_the_verdict() {
     h.get_by_label("3  Evaluation").click();
     h.run();
     h.get_by_label("Run model").click();
-    h.step();
+    h.run();
     step_until(&mut h, "scoring", Duration::from_secs(120), |a| a.evaluation.scoring.is_none() && a.queue.is_empty());
 
     // The highest-scoring nok image, clicked in the list.
@@ -155,6 +157,7 @@ fn whole_flow_by_clicking_train_evaluate_and_flip_the_verdict() {
     assert_eq!(viewer.inspection.class_id(), 1);
     assert!(viewer.inspection.region.area_px > 0);
     let score = viewer.inspection.score;
+    h.state_mut().toasts.clear();
     h.remove_cursor();
     h.run();
     h.snapshot_options("evaluation_tab", &snapshot_options());

@@ -103,7 +103,7 @@ fn preview(app: &mut InkspectApp, ui: &mut egui::Ui, d: &DatasetSettings) {
             });
             if let Some(img) = app.project.images.get(index) {
                 ui.label(format!(
-                    "{} · {} × {} px → {size} × {size} px",
+                    "{} · {} × {} px to {size} × {size} px",
                     img.path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
                     img.width,
                     img.height

@@ -188,8 +188,10 @@ fn train(args: TrainArgs, device: DevicePreference) -> Result<()> {
     };
     let cache = DatasetCache::default();
     let pb = bar(files.len() as u64, "importing");
+    // Importing decodes every file once; it also fills the prepared-image cache so that training
+    // does not decode again.
     let options = ImportOptions {
-        prepare: None,
+        prepare: Some((dataset.effective_size_px(), cache.clone())),
         known_hashes: Default::default(),
     };
     let report = import_items(

@@ -56,7 +56,11 @@ pub struct GpuAdapter {
 pub fn find_hardware_gpu() -> Option<GpuAdapter> {
     use burn::tensor::wgpu::wgpu;
     let probe = std::panic::catch_unwind(|| {
-        let instance = wgpu::Instance::default();
+        // Vulkan, Metal and DX12 only: a real GPU is reachable through one of them, and skipping
+        // OpenGL avoids probing X11/Wayland displays (and their error messages) on headless boxes.
+        let mut descriptor = wgpu::InstanceDescriptor::new_without_display_handle();
+        descriptor.backends = wgpu::Backends::PRIMARY;
+        let instance = wgpu::Instance::new(descriptor);
         let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
         let infos: Vec<wgpu::AdapterInfo> = adapters.iter().map(|a| a.get_info()).collect();
         infos

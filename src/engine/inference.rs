@@ -204,6 +204,21 @@ pub fn anomaly_maps_at_model_size(
         .collect()
 }
 
+/// Anomaly scores (maximum of the smoothed map at model resolution) of prepared images, computed
+/// `batch_size` at a time. Used for validation images and threshold suggestions.
+pub fn image_scores(
+    network: &ConvAutoencoder,
+    images: &[&PreparedImage],
+    batch_size: usize,
+    device: &Device,
+) -> Vec<f32> {
+    images
+        .chunks(batch_size.max(1))
+        .flat_map(|chunk| anomaly_maps_at_model_size(network, chunk, device))
+        .map(|m| m.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+        .collect()
+}
+
 /// Separable Gaussian blur of a row-major `width x height` map (edges clamp).
 pub fn gaussian_blur(values: &[f32], width: usize, height: usize, sigma: f32) -> Vec<f32> {
     let radius = (3.0 * sigma).ceil() as isize;
@@ -293,11 +308,6 @@ impl Inspector {
         }
     }
 
-    /// The network, e.g. to save it.
-    pub fn into_network(self) -> ConvAutoencoder {
-        self.network
-    }
-
     /// The model's suggested thresholds.
     pub fn suggested_thresholds(&self) -> Thresholds {
         self.header.suggested_thresholds
@@ -339,13 +349,9 @@ impl Inspector {
             .expect("one image in, one inspection out")
     }
 
-    /// Smoothed model-resolution scores of prepared images (used for validation and thresholds).
+    /// Anomaly scores of prepared images (see [`image_scores`]).
     pub fn scores_of_prepared(&self, images: &[&PreparedImage], batch_size: usize) -> Vec<f32> {
-        images
-            .chunks(batch_size.max(1))
-            .flat_map(|chunk| anomaly_maps_at_model_size(&self.network, chunk, &self.device))
-            .map(|m| m.iter().copied().fold(f32::NEG_INFINITY, f32::max))
-            .collect()
+        image_scores(&self.network, images, batch_size, &self.device)
     }
 
     /// Decodes and inspects files, `batch_size` at a time (decoding in parallel). Unreadable files

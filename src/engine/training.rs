@@ -21,7 +21,7 @@ use crate::engine::dataset::prepare::{
     DatasetCache, DatasetSettings, PreparedImage, prepare_file, split_train_validation,
 };
 use crate::engine::device::ComputeDevice;
-use crate::engine::inference::{Inspector, Thresholds, batch_tensor, suggest_thresholds};
+use crate::engine::inference::{Thresholds, batch_tensor, image_scores, suggest_thresholds};
 use crate::engine::model::{Framework, ModelFile, ModelHeader, autoencoder_spec_for};
 
 /// Progress events are sent at most this often (terminal events always go through).
@@ -53,7 +53,7 @@ pub struct TrainingSettings {
 impl Default for TrainingSettings {
     fn default() -> Self {
         Self {
-            max_epochs: 30,
+            max_epochs: 10,
             error_threshold: 0.0,
             learning_rate: 2e-3,
             batch_size: 8,
@@ -481,19 +481,6 @@ fn run(
     // Validation scores give the suggested thresholds (training images when there is no
     // validation set, which makes the suggestion optimistic).
     let trained = network.valid();
-    let header_stub = |scores: Vec<f32>, thresholds: Thresholds, summary: TrainingSummary| {
-        ModelHeader {
-            framework: request.framework,
-            autoencoder: spec.clone(),
-            mode,
-            image_size_px: size,
-            complexity: request.dataset.effective_complexity(),
-            suggested_thresholds: thresholds,
-            validation_scores: scores,
-            training: summary,
-            inkspect_version: env!("CARGO_PKG_VERSION").to_string(),
-        }
-    };
     let summary = TrainingSummary {
         epochs_run: history.len() as u32,
         settings,
@@ -506,22 +493,23 @@ fn run(
         history,
     };
     let scoring_set = if val_set.is_empty() { &train_set } else { &val_set };
-    let placeholder = Thresholds {
-        segmentation: 0.0,
-        classification: 0.0,
-    };
-    let inspector = Inspector::from_model(
-        ModelFile {
-            header: header_stub(Vec::new(), placeholder, summary.clone()),
-            network: trained,
-        },
-        &device,
-    );
-    let scores = inspector.scores_of_prepared(scoring_set, settings.batch_size);
-    let thresholds = suggest_thresholds(&scores).unwrap_or(placeholder);
+    let scores = image_scores(&trained, scoring_set, settings.batch_size, &device);
+    let thresholds = suggest_thresholds(&scores).ok_or(TrainError::TooFewImages {
+        found: prepared.len(),
+    })?;
     let model = ModelFile {
-        header: header_stub(scores, thresholds, summary.clone()),
-        network: inspector.into_network(),
+        header: ModelHeader {
+            framework: request.framework,
+            autoencoder: spec,
+            mode,
+            image_size_px: size,
+            complexity: request.dataset.effective_complexity(),
+            suggested_thresholds: thresholds,
+            validation_scores: scores,
+            training: summary.clone(),
+            inkspect_version: env!("CARGO_PKG_VERSION").to_string(),
+        },
+        network: trained,
     };
     if stop.is_set() {
         return Err(TrainError::Cancelled {

@@ -248,6 +248,8 @@ pub struct InkspectApp {
     pub cache: DatasetCache,
     /// The close-confirmation dialog is open.
     pub confirm_close: bool,
+    /// The "discard unsaved changes and start a new project?" dialog is open.
+    pub confirm_new: bool,
     /// Dropped files waiting for a role.
     pub pending_drop: Option<PendingDrop>,
     /// Errors to show in a dialog (e.g. a project that cannot be opened).
@@ -256,6 +258,8 @@ pub struct InkspectApp {
     pub last_ui_ms: f32,
     /// Longest `ui` call while a training ran, milliseconds.
     pub max_ui_ms_while_training: f32,
+    /// Whole frames (UI and rendering, from eframe) while a training ran: (count, sum ms, max ms).
+    pub frames_while_training: (u32, f32, f32),
     /// Dataset-tab preview: (image index, size) it was made for, original and downscaled textures.
     pub preview: Option<((usize, u32), egui::TextureHandle, egui::TextureHandle)>,
     last_title: String,
@@ -323,10 +327,12 @@ impl InkspectApp {
             device: None,
             cache: DatasetCache::default(),
             confirm_close: false,
+            confirm_new: false,
             pending_drop: None,
             error_dialog: None,
             last_ui_ms: 0.0,
             max_ui_ms_while_training: 0.0,
+            frames_while_training: (0, 0.0, 0.0),
             preview: None,
             last_title: String::new(),
             quitting: false,
@@ -744,6 +750,7 @@ impl InkspectApp {
         };
         let max_epochs = request.training.max_epochs;
         self.max_ui_ms_while_training = 0.0;
+        self.frames_while_training = (0, 0.0, 0.0);
         self.training = Some(TrainingView {
             handle: Some(spawn_training(request)),
             history: Vec::new(),
@@ -834,6 +841,14 @@ impl InkspectApp {
         }
         if ended {
             view.handle = None;
+            let (n, sum, max) = self.frames_while_training;
+            if n > 0 {
+                log::warn!(
+                    "frame time while training (UI + rendering): mean {:.2} ms, max {:.2} ms over {n} frames",
+                    sum / n as f32,
+                    max
+                );
+            }
         }
         if let Some((summary, body)) = notify {
             let is_error = !matches!(view.outcome, Some(TrainingOutcome::Finished(_)));
@@ -1079,7 +1094,7 @@ impl InkspectApp {
         ui.horizontal_wrapped(|ui| {
             if ui.button("New").on_hover_text("Start a new, empty project").clicked() {
                 if self.dirty {
-                    self.toast("Save or discard the current project first (Save, or New again after saving)", true);
+                    self.confirm_new = true;
                 } else {
                     self.send(Command::NewProject);
                 }
@@ -1188,6 +1203,29 @@ impl InkspectApp {
                 self.confirm_close = false;
             }
         }
+        if self.confirm_new {
+            let resp = egui::Modal::new(egui::Id::unique("confirm-new")).show(ui.ctx(), |ui| {
+                ui.heading("Start a new project?");
+                ui.label("The current project has unsaved changes.");
+                ui.horizontal(|ui| {
+                    if ui.button("Save, then new").clicked() {
+                        self.send(Command::SaveProject);
+                        self.send(Command::NewProject);
+                        ui.close();
+                    }
+                    if ui.button("Discard changes").clicked() {
+                        self.send(Command::NewProject);
+                        ui.close();
+                    }
+                    if ui.button("Cancel").clicked() {
+                        ui.close();
+                    }
+                });
+            });
+            if resp.should_close() {
+                self.confirm_new = false;
+            }
+        }
         if let Some(drop) = self.pending_drop.clone() {
             let resp = egui::Modal::new(egui::Id::unique("drop-role")).show(ui.ctx(), |ui| {
                 ui.heading(format!("Import {} dropped items as test images", drop.paths.len()));
@@ -1251,8 +1289,15 @@ impl eframe::App for InkspectApp {
         self.handle_close_request(ctx);
     }
 
-    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
         let start = Instant::now();
+        if self.is_training()
+            && let Some(cpu) = frame.info().cpu_usage
+        {
+            let ms = cpu * 1000.0;
+            let (n, sum, max) = self.frames_while_training;
+            self.frames_while_training = (n + 1, sum + ms, max.max(ms));
+        }
         let title = self.title();
         if title != self.last_title {
             ui.send_viewport_cmd(egui::ViewportCommand::Title(title.clone()));

@@ -248,19 +248,10 @@ fn thumbnail_grid(app: &mut InkspectApp, ui: &mut egui::Ui) {
                                 ImageRole::TestGood => style::GOOD,
                                 ImageRole::TrainGood => ui.visuals().text_color(),
                             };
-                            ui.add(egui::Label::new(RichText::new(truncate(&name, 16)).size(10.0).color(colour)).truncate());
+                            ui.add(egui::Label::new(RichText::new(style::shorten(&name, 16)).size(10.0).color(colour)).truncate());
                         });
                     }
                 });
             }
         });
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        s.to_string()
-    } else {
-        let head: String = s.chars().take(max - 1).collect();
-        format!("{head}…")
-    }
 }

@@ -109,7 +109,7 @@ fn image_list(app: &mut InkspectApp, ui: &mut egui::Ui) {
                 let truth = if *role == ImageRole::TestNok { "nok" } else { "good" };
                 let text = format!(
                     "{}  [{truth}]  {}  {}",
-                    truncate(name, 22),
+                    format!("{:<22}", style::shorten(name, 22)),
                     score.map(|s| format!("{s:.5}")).unwrap_or_else(|| "–".into()),
                     verdict.map(|v| v.label()).unwrap_or("")
                 );
@@ -280,13 +280,4 @@ fn summary(app: &InkspectApp, ui: &mut egui::Ui, t: Thresholds) {
             plot.bar_chart(BarChart::new("nok", nok_bars).color(style::NOK));
             plot.vline(VLine::new("classification threshold", f64::from(t.classification)).color(style::THRESHOLD_LINE));
         });
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        format!("{s:<max$}")
-    } else {
-        let head: String = s.chars().take(max - 1).collect();
-        format!("{head}…")
-    }
 }

@@ -18,3 +18,13 @@ pub const THRESHOLD_LINE: Color32 = Color32::from_rgb(220, 60, 60);
 pub const THUMB_PX: f32 = 96.0;
 /// Space between groups.
 pub const GAP: f32 = 8.0;
+
+/// `s` shortened to at most `max` characters, ending in "…" when cut.
+pub fn shorten(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let head: String = s.chars().take(max.saturating_sub(1)).collect();
+        format!("{head}…")
+    }
+}

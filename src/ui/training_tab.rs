@@ -53,11 +53,9 @@ fn settings(app: &mut InkspectApp, ui: &mut egui::Ui) {
         app.send(Command::SetTraining(t));
     }
     ui.add_space(style::GAP);
-    let device = app.device.as_ref().map(|d| d.description.clone());
-    match device {
-        Some(d) => ui.label(format!("Device: {d}")),
-        None => ui.label("Device: chosen when training starts (a GPU if present, else the CPU)"),
-    };
+    let device = app.device().description;
+    ui.label(format!("Device: {device}"))
+        .on_hover_text("A real GPU when present (through wgpu), else the CPU. INKSPECT_DEVICE=cpu|gpu overrides.");
     let counts = app.project.counts();
     ui.label(format!(
         "{} good images ({} px, complexity {})",

@@ -22,7 +22,9 @@ use crate::engine::device::{DevicePreference, select_device};
 use crate::engine::inference::{Class, Inspection, Inspector, Thresholds};
 use crate::engine::metrics::{ConfusionMatrix, PixelRocAccumulator, auroc};
 use crate::engine::model::Framework;
-use crate::engine::training::{StopReason, TrainEvent, TrainRequest, TrainingSettings, spawn_training};
+use crate::engine::training::{
+    StopReason, TrainEvent, TrainRequest, TrainingSettings, spawn_training,
+};
 use crate::engine::visual::overlay;
 
 /// Inkspect: learn what a good part looks like from good images, then flag anything abnormal.
@@ -161,9 +163,11 @@ pub fn run(cli: Cli) -> Result<()> {
 fn bar(total: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(total);
     pb.set_style(
-        ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta}")
-            .expect("static template is valid")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg:>12} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta}",
+        )
+        .expect("static template is valid")
+        .progress_chars("=> "),
     );
     pb.set_message(what.to_string());
     pb
@@ -180,7 +184,10 @@ fn train(args: TrainArgs, device: DevicePreference) -> Result<()> {
         eprintln!("warning: {}", f.reason);
     }
     if files.is_empty() {
-        bail!("{}: no images found (supported: png, jpg, bmp, tif)", folder.display());
+        bail!(
+            "{}: no images found (supported: png, jpg, bmp, tif)",
+            folder.display()
+        );
     }
     let dataset = DatasetSettings {
         image_size_px: args.size,
@@ -205,7 +212,10 @@ fn train(args: TrainArgs, device: DevicePreference) -> Result<()> {
         eprintln!("skipped: {}", f.reason);
     }
     if !report.duplicates.is_empty() {
-        eprintln!("skipped {} duplicate images (same content)", report.duplicates.len());
+        eprintln!(
+            "skipped {} duplicate images (same content)",
+            report.duplicates.len()
+        );
     }
     let compute = select_device(device);
     eprintln!(
@@ -272,7 +282,12 @@ fn train(args: TrainArgs, device: DevicePreference) -> Result<()> {
             TrainEvent::Epoch(r) => {
                 let line = format!(
                     "epoch {:>3}/{}: train {:.6}  validation {:.6}  {:.1} img/s  {:.0} s",
-                    r.epoch, r.max_epochs, r.train_loss, r.validation_loss, r.images_per_sec, r.elapsed_secs
+                    r.epoch,
+                    r.max_epochs,
+                    r.train_loss,
+                    r.validation_loss,
+                    r.images_per_sec,
+                    r.elapsed_secs
                 );
                 match &pb {
                     Some(p) if !p.is_hidden() => {
@@ -369,7 +384,8 @@ fn infer(args: InferArgs, device: DevicePreference) -> Result<()> {
         eprintln!("skipped: {}", f.reason);
     }
     if let Some(dir) = &args.heatmaps {
-        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
     }
     let mut csv = match &args.csv {
         Some(p) => Some(
@@ -393,7 +409,10 @@ fn infer(args: InferArgs, device: DevicePreference) -> Result<()> {
     let mut n_failed = 0usize;
     let mut stdout = std::io::stdout().lock();
     let mut write_err: Option<anyhow::Error> = None;
-    inspector.inspect_files(&files, thresholds, args.batch_size, &mut |(path, result)| {
+    inspector.inspect_files(&files, thresholds, args.batch_size, &mut |(
+        path,
+        result,
+    )| {
         pb.inc(1);
         match result {
             Ok(ins) => {
@@ -485,7 +504,10 @@ fn eval(args: EvalArgs, device: DevicePreference) -> Result<()> {
     let mut per_kind: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
     let start = Instant::now();
     let mut index = 0usize;
-    inspector.inspect_files(&paths, thresholds, args.batch_size, &mut |(path, result)| {
+    inspector.inspect_files(&paths, thresholds, args.batch_size, &mut |(
+        path,
+        result,
+    )| {
         let item = &items[index];
         index += 1;
         pb.inc(1);
@@ -504,7 +526,10 @@ fn eval(args: EvalArgs, device: DevicePreference) -> Result<()> {
         }
         let mask: Option<Vec<bool>> = match item.role {
             ImageRole::TestGood => Some(vec![false; ins.map.values.len()]),
-            _ => item.mask.as_ref().and_then(|m| load_mask(m, ins.map.width, ins.map.height)),
+            _ => item
+                .mask
+                .as_ref()
+                .and_then(|m| load_mask(m, ins.map.width, ins.map.height)),
         };
         if let Some(mask) = mask {
             if item.role == ImageRole::TestNok {
@@ -525,8 +550,13 @@ fn eval(args: EvalArgs, device: DevicePreference) -> Result<()> {
     for f in &failures {
         eprintln!("skipped: {f}");
     }
-    let confusion = ConfusionMatrix::at_threshold(&good_scores, &nok_scores, thresholds.classification);
-    let pixel_auroc = if n_with_masks > 0 { pixel.auroc() } else { None };
+    let confusion =
+        ConfusionMatrix::at_threshold(&good_scores, &nok_scores, thresholds.classification);
+    let pixel_auroc = if n_with_masks > 0 {
+        pixel.auroc()
+    } else {
+        None
+    };
     let n = good_scores.len() + nok_scores.len();
     println!(
         "{}",
@@ -620,7 +650,9 @@ pub fn demo_dir() -> PathBuf {
 
 /// The trained model shipped with the sources for the demo project, if present.
 pub fn bundled_demo_model() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join("demo.ink");
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join("demo.ink");
     p.is_file().then_some(p)
 }
 
@@ -634,11 +666,19 @@ pub fn demo_project() -> Result<PathBuf> {
     }
     let images = root.join("images");
     if !images.join("train").join("good").is_dir() {
-        eprintln!("writing the demo dataset to {} (first start only)", images.display());
+        eprintln!(
+            "writing the demo dataset to {} (first start only)",
+            images.display()
+        );
         write_demo_dataset(&images, &DemoSpec::default())?;
     }
     let items = scan_mvtec(&images).items;
-    let report = import_items(&items, &ImportOptions::default(), &|_, _| {}, &StopFlag::new());
+    let report = import_items(
+        &items,
+        &ImportOptions::default(),
+        &|_, _| {},
+        &StopFlag::new(),
+    );
     let mut project = crate::engine::project::Project::new("Demo wafer dies");
     project.add_imported(&report);
     project.dataset = DatasetSettings {

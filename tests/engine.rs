@@ -42,7 +42,12 @@ fn import_folder(folder: &Path, cache: &DatasetCache) -> ImportReport {
     )
 }
 
-fn request(report: &ImportReport, model: &Path, cache: &DatasetCache, training: TrainingSettings) -> TrainRequest {
+fn request(
+    report: &ImportReport,
+    model: &Path,
+    cache: &DatasetCache,
+    training: TrainingSettings,
+) -> TrainRequest {
     TrainRequest {
         framework: Framework::ConvAutoencoder,
         images: report.imported.clone(),
@@ -61,7 +66,10 @@ fn request(report: &ImportReport, model: &Path, cache: &DatasetCache, training: 
 fn run_to_end(req: TrainRequest) -> Vec<TrainEvent> {
     let handle = spawn_training(req);
     let events: Vec<TrainEvent> = handle.events.iter().collect();
-    let _ = handle.thread.join().expect("training thread does not panic");
+    let _ = handle
+        .thread
+        .join()
+        .expect("training thread does not panic");
     events
 }
 
@@ -134,12 +142,20 @@ fn mono_training_separates_defects_reloads_identically_and_reports_progress() {
 
     // The reloaded network gives the scores the in-memory network computed before saving.
     let header = &inspector.header;
-    let keys: Vec<String> = report.imported.iter().map(|i| i.content_hash.clone()).collect();
+    let keys: Vec<String> = report
+        .imported
+        .iter()
+        .map(|i| i.content_hash.clone())
+        .collect();
     let split = split_train_validation(&keys, TrainingSettings::default().seed);
     let prepared: Vec<_> = split
         .validation
         .iter()
-        .map(|&i| cache.load(&keys[i], 64, ColourMode::Mono).expect("import filled the cache"))
+        .map(|&i| {
+            cache
+                .load(&keys[i], 64, ColourMode::Mono)
+                .expect("import filled the cache")
+        })
         .collect();
     let refs: Vec<_> = prepared.iter().collect();
     let reloaded = inspector.scores_of_prepared(&refs, 4);
@@ -205,14 +221,25 @@ fn cancel_stops_before_the_next_batch_and_keeps_the_previous_model() {
     }
     assert!(handle.thread.join().unwrap().is_err());
     assert!(matches!(last, Some(TrainEvent::Cancelled { epochs_done }) if epochs_done < 1000));
-    assert!(batches_after_stop <= 1, "{batches_after_stop} batch events after the stop");
+    assert!(
+        batches_after_stop <= 1,
+        "{batches_after_stop} batch events after the stop"
+    );
     assert_eq!(std::fs::read(&model).unwrap(), b"previous model");
 
     // A stop set before the first batch trains nothing and writes nothing.
-    let handle = spawn_training(request(&report, &dir.path().join("new.ink"), &cache, settings));
+    let handle = spawn_training(request(
+        &report,
+        &dir.path().join("new.ink"),
+        &cache,
+        settings,
+    ));
     handle.stop.set();
     let events: Vec<_> = handle.events.iter().collect();
-    assert!(matches!(events.last(), Some(TrainEvent::Cancelled { epochs_done: 0 })));
+    assert!(matches!(
+        events.last(),
+        Some(TrainEvent::Cancelled { epochs_done: 0 })
+    ));
     assert!(!dir.path().join("new.ink").exists());
 }
 
@@ -233,7 +260,11 @@ fn colour_images_train_and_inspect_in_colour() {
             ..TrainingSettings::default()
         },
     ));
-    assert!(matches!(events.last(), Some(TrainEvent::Finished { .. })), "{:?}", events.last());
+    assert!(
+        matches!(events.last(), Some(TrainEvent::Finished { .. })),
+        "{:?}",
+        events.last()
+    );
     let inspector = Inspector::load(&model, &cpu_device().device).unwrap();
     assert_eq!(inspector.mode(), ColourMode::Colour);
     assert_eq!(inspector.header.autoencoder.channels, 3);
@@ -248,8 +279,12 @@ fn a_corrupt_file_is_reported_by_name_and_the_rest_imported() {
     let folder = root.join("train/good");
     std::fs::write(folder.join("broken.png"), b"\x89PNG\r\n\x1a\n not really").unwrap();
     std::fs::write(folder.join("empty.jpg"), b"").unwrap();
-    std::fs::copy(folder.join("good_000.png"), folder.join("copy of good_000.png")).unwrap();
-    let (files, _) = collect_image_files(&[folder.clone()]);
+    std::fs::copy(
+        folder.join("good_000.png"),
+        folder.join("copy of good_000.png"),
+    )
+    .unwrap();
+    let (files, _) = collect_image_files(std::slice::from_ref(&folder));
     let report = import_items(
         &items_with_role(files, ImageRole::TrainGood),
         &ImportOptions::default(),
@@ -258,8 +293,18 @@ fn a_corrupt_file_is_reported_by_name_and_the_rest_imported() {
     );
     assert_eq!(report.imported.len(), DemoSpec::tiny().n_train_good);
     assert_eq!(report.failures.len(), 2);
-    assert!(report.failures.iter().any(|f| f.reason.contains("broken.png")));
-    assert!(report.failures.iter().any(|f| f.reason.contains("empty.jpg")));
+    assert!(
+        report
+            .failures
+            .iter()
+            .any(|f| f.reason.contains("broken.png"))
+    );
+    assert!(
+        report
+            .failures
+            .iter()
+            .any(|f| f.reason.contains("empty.jpg"))
+    );
     assert_eq!(report.duplicates.len(), 1);
 }
 
@@ -281,8 +326,15 @@ fn mvtec_layout_scan_finds_roles_kinds_and_masks() {
     let count = |r| layout.items.iter().filter(|i| i.role == r).count();
     assert_eq!(count(ImageRole::TrainGood), spec.n_train_good);
     assert_eq!(count(ImageRole::TestGood), spec.n_test_good);
-    let nok: Vec<_> = layout.items.iter().filter(|i| i.role == ImageRole::TestNok).collect();
+    let nok: Vec<_> = layout
+        .items
+        .iter()
+        .filter(|i| i.role == ImageRole::TestNok)
+        .collect();
     assert_eq!(nok.len(), 4 * spec.n_test_nok_per_kind);
-    assert!(nok.iter().all(|i| i.mask.as_ref().is_some_and(|m| m.is_file())));
+    assert!(
+        nok.iter()
+            .all(|i| i.mask.as_ref().is_some_and(|m| m.is_file()))
+    );
     assert!(nok.iter().all(|i| i.defect_kind.is_some()));
 }

@@ -38,7 +38,10 @@ impl FakeNotifications {
         _hints: HashMap<String, zbus::OwnedVariant>,
         _expire_timeout: i32,
     ) -> u32 {
-        self.received.lock().unwrap().push((app_name, summary, body));
+        self.received
+            .lock()
+            .unwrap()
+            .push((app_name, summary, body));
         self.next_id += 1;
         self.next_id
     }
@@ -49,7 +52,12 @@ impl FakeNotifications {
 
     #[zbus(out_args("name", "vendor", "version", "spec_version"))]
     fn get_server_information(&self) -> (String, String, String, String) {
-        ("inkspect-test".into(), "test".into(), "1.0".into(), "1.2".into())
+        (
+            "inkspect-test".into(),
+            "test".into(),
+            "1.0".into(),
+            "1.2".into(),
+        )
     }
 
     fn close_notification(&self, _id: u32) {}
@@ -67,14 +75,18 @@ fn train_in_app(dir: &Path, name: &str) -> Harness<'static, InkspectApp> {
             app.cache = cache;
             app
         });
-    h.state_mut().send(Command::SaveProjectAs(dir.join(format!("{name}.inkspect"))));
+    h.state_mut()
+        .send(Command::SaveProjectAs(dir.join(format!("{name}.inkspect"))));
     h.state_mut().send(Command::Import {
         paths: vec![demo.join("train/good")],
         role: ImageRole::TrainGood,
     });
     let start = Instant::now();
     while h.state().import.is_some() || !h.state().queue.is_empty() {
-        assert!(start.elapsed() < Duration::from_secs(60), "import timed out");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "import timed out"
+        );
         h.step();
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -87,7 +99,10 @@ fn train_in_app(dir: &Path, name: &str) -> Harness<'static, InkspectApp> {
     h.state_mut().send(Command::StartTraining);
     h.step();
     while h.state().is_training() {
-        assert!(start.elapsed() < Duration::from_secs(300), "training timed out");
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "training timed out"
+        );
         h.step();
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -101,13 +116,21 @@ fn finishing_a_training_sends_one_desktop_notification_and_survives_without_a_se
     let sock = dir.path().join("bus.sock");
     let addr = format!("unix:path={}", sock.display());
     let mut daemon = std::process::Command::new("dbus-daemon")
-        .args(["--session", "--nofork", "--nopidfile", &format!("--address={addr}")])
+        .args([
+            "--session",
+            "--nofork",
+            "--nopidfile",
+            &format!("--address={addr}"),
+        ])
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("dbus-daemon is installed (.ci/run installs the dbus package)");
     let start = Instant::now();
     while !sock.exists() {
-        assert!(start.elapsed() < Duration::from_secs(10), "dbus-daemon did not start");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "dbus-daemon did not start"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let received: Received = Arc::default();
@@ -137,7 +160,12 @@ fn finishing_a_training_sends_one_desktop_notification_and_survives_without_a_se
     drop(h);
 
     // No notification service: the toast still says it, and the app carries on.
-    unsafe { std::env::set_var("DBUS_SESSION_BUS_ADDRESS", "unix:path=/nonexistent/inkspect-bus") };
+    unsafe {
+        std::env::set_var(
+            "DBUS_SESSION_BUS_ADDRESS",
+            "unix:path=/nonexistent/inkspect-bus",
+        )
+    };
     let h = train_in_app(dir.path(), "no-service");
     let app = h.state();
     assert!(app.project.model_path.as_ref().is_some_and(|p| p.is_file()));

@@ -41,7 +41,12 @@ fn harness(notifier: RecordingNotifier, cache: &Path) -> Harness<'static, Inkspe
 }
 
 /// Steps the app (background work runs on real threads) until `done` holds.
-fn step_until(h: &mut Harness<'static, InkspectApp>, what: &str, limit: Duration, done: impl Fn(&InkspectApp) -> bool) {
+fn step_until(
+    h: &mut Harness<'static, InkspectApp>,
+    what: &str,
+    limit: Duration,
+    done: impl Fn(&InkspectApp) -> bool,
+) {
     let start = Instant::now();
     while !done(h.state()) {
         assert!(start.elapsed() < limit, "timed out waiting for {what}");
@@ -53,7 +58,9 @@ fn step_until(h: &mut Harness<'static, InkspectApp>, what: &str, limit: Duration
 
 fn snapshot_options() -> SnapshotOptions {
     // Text such as images/s and timings differs between runs and renderers.
-    SnapshotOptions::new().threshold(2.0).max_failed_pixels(6000)
+    SnapshotOptions::new()
+        .threshold(2.0)
+        .max_failed_pixels(6000)
 }
 
 #[test]
@@ -66,7 +73,8 @@ fn whole_flow_by_clicking_train_evaluate_and_flip_the_verdict() {
 
     h.get_by_label("New").click();
     h.run();
-    h.state_mut().send(Command::SaveProjectAs(dir.path().join("dies.inkspect")));
+    h.state_mut()
+        .send(Command::SaveProjectAs(dir.path().join("dies.inkspect")));
     h.run();
     assert_eq!(h.state().project.name, "dies");
     assert!(!h.state().dirty);
@@ -76,15 +84,22 @@ fn whole_flow_by_clicking_train_evaluate_and_flip_the_verdict() {
         paths: vec![demo.join("train/good")],
         role: ImageRole::TrainGood,
     });
-    step_until(&mut h, "import", Duration::from_secs(60), |a| a.import.is_none() && a.queue.is_empty());
-    assert_eq!(h.state().project.counts().train_good, DemoSpec::tiny().n_train_good);
+    step_until(&mut h, "import", Duration::from_secs(60), |a| {
+        a.import.is_none() && a.queue.is_empty()
+    });
+    assert_eq!(
+        h.state().project.counts().train_good,
+        DemoSpec::tiny().n_train_good
+    );
     assert!(h.state().dirty, "an import is an unsaved change");
 
     // Tiny size, few epochs, through the widgets.
     h.get_by_label("Image size (px)").set_value_accesskit(64.0);
     h.run();
     assert_eq!(h.state().project.dataset.image_size_px, 64);
-    step_until(&mut h, "thumbnails", Duration::from_secs(30), |a| a.thumbnails.pending() == 0);
+    step_until(&mut h, "thumbnails", Duration::from_secs(30), |a| {
+        a.thumbnails.pending() == 0
+    });
     h.state_mut().toasts.clear();
     h.remove_cursor();
     h.run();
@@ -98,12 +113,20 @@ fn whole_flow_by_clicking_train_evaluate_and_flip_the_verdict() {
     assert_eq!(h.state().project.training.max_epochs, 25);
     h.get_by_role_and_label(Role::Button, "Train").click();
     h.run();
-    assert!(h.state().is_training(), "Train starts a background training");
+    assert!(
+        h.state().is_training(),
+        "Train starts a background training"
+    );
     let mut frames_while_training = 0u32;
-    step_until(&mut h, "training", Duration::from_secs(600), |a| !a.is_training());
+    step_until(&mut h, "training", Duration::from_secs(600), |a| {
+        !a.is_training()
+    });
     frames_while_training += 1;
     let app = h.state();
-    assert!(app.project.model_path.as_ref().is_some_and(|p| p.is_file()), "model written");
+    assert!(
+        app.project.model_path.as_ref().is_some_and(|p| p.is_file()),
+        "model written"
+    );
     assert!(!app.dirty, "the project is saved when the model is ready");
     eprintln!(
         "longest UI frame while training: {:.2} ms ({frames_while_training})",
@@ -111,7 +134,10 @@ fn whole_flow_by_clicking_train_evaluate_and_flip_the_verdict() {
     );
     let sent = notifier.0.lock().unwrap().clone();
     assert_eq!(sent.len(), 1, "{sent:?}");
-    assert!(sent[0].0.contains("dies") && sent[0].0.contains("model ready"), "{sent:?}");
+    assert!(
+        sent[0].0.contains("dies") && sent[0].0.contains("model ready"),
+        "{sent:?}"
+    );
     h.state_mut().toasts.clear();
     h.remove_cursor();
     h.run();
@@ -122,7 +148,9 @@ fn whole_flow_by_clicking_train_evaluate_and_flip_the_verdict() {
         paths: vec![demo.clone()],
         role: ImageRole::TrainGood,
     });
-    step_until(&mut h, "test import", Duration::from_secs(60), |a| a.import.is_none() && a.queue.is_empty());
+    step_until(&mut h, "test import", Duration::from_secs(60), |a| {
+        a.import.is_none() && a.queue.is_empty()
+    });
     let counts = h.state().project.counts();
     assert_eq!(counts.test_good, DemoSpec::tiny().n_test_good);
     assert_eq!(counts.test_nok, 4 * DemoSpec::tiny().n_test_nok_per_kind);
@@ -131,7 +159,9 @@ fn whole_flow_by_clicking_train_evaluate_and_flip_the_verdict() {
     h.run();
     h.get_by_label("Run model").click();
     h.run();
-    step_until(&mut h, "scoring", Duration::from_secs(120), |a| a.evaluation.scoring.is_none() && a.queue.is_empty());
+    step_until(&mut h, "scoring", Duration::from_secs(120), |a| {
+        a.evaluation.scoring.is_none() && a.queue.is_empty()
+    });
 
     // The highest-scoring nok image, clicked in the list.
     let app = h.state();
@@ -142,18 +172,38 @@ fn whole_flow_by_clicking_train_evaluate_and_flip_the_verdict() {
         .enumerate()
         .filter(|(_, img)| img.role == ImageRole::TestNok)
         .max_by(|a, b| {
-            let s = |i: usize| app.evaluation.scores.get(&i).and_then(|r| r.as_ref().ok().copied()).unwrap_or(0.0);
+            let s = |i: usize| {
+                app.evaluation
+                    .scores
+                    .get(&i)
+                    .and_then(|r| r.as_ref().ok().copied())
+                    .unwrap_or(0.0)
+            };
             s(a.0).total_cmp(&s(b.0))
         })
-        .map(|(i, img)| (i, img.path.file_name().unwrap().to_string_lossy().into_owned()))
+        .map(|(i, img)| {
+            (
+                i,
+                img.path.file_name().unwrap().to_string_lossy().into_owned(),
+            )
+        })
         .unwrap();
     h.get_by_label_contains(&name).click();
     h.step();
     step_until(&mut h, "inspection", Duration::from_secs(60), |a| {
-        a.evaluation.viewer.as_ref().is_some_and(|v| v.index == index)
+        a.evaluation
+            .viewer
+            .as_ref()
+            .is_some_and(|v| v.index == index)
     });
     let viewer = h.state().evaluation.viewer.as_ref().unwrap();
-    assert_eq!(viewer.inspection.class, Class::Nok, "score {} vs {:?}", viewer.inspection.score, viewer.inspection.thresholds);
+    assert_eq!(
+        viewer.inspection.class,
+        Class::Nok,
+        "score {} vs {:?}",
+        viewer.inspection.score,
+        viewer.inspection.thresholds
+    );
     assert_eq!(viewer.inspection.class_id(), 1);
     assert!(viewer.inspection.region.area_px > 0);
     let score = viewer.inspection.score;
@@ -177,7 +227,8 @@ fn whole_flow_by_clicking_train_evaluate_and_flip_the_verdict() {
     // Everything is in the project file: reopening restores images, model and thresholds.
     h.state_mut().send(Command::SaveProject);
     h.run();
-    h.state_mut().send(Command::OpenProject(dir.path().join("dies.inkspect")));
+    h.state_mut()
+        .send(Command::OpenProject(dir.path().join("dies.inkspect")));
     h.run();
     let app = h.state();
     assert_eq!(app.project.counts(), counts);

@@ -21,7 +21,11 @@ pub enum DevicePreference {
 impl DevicePreference {
     /// The preference from `INKSPECT_DEVICE` (`cpu`, `gpu`, `auto`), if set and valid.
     pub fn from_env() -> Option<Self> {
-        match std::env::var("INKSPECT_DEVICE").ok()?.to_ascii_lowercase().as_str() {
+        match std::env::var("INKSPECT_DEVICE")
+            .ok()?
+            .to_ascii_lowercase()
+            .as_str()
+        {
             "cpu" => Some(Self::Cpu),
             "gpu" => Some(Self::Gpu),
             "auto" => Some(Self::Auto),

@@ -253,7 +253,13 @@ pub fn gaussian_blur(values: &[f32], width: usize, height: usize, sigma: f32) ->
 }
 
 /// Bilinear resize of a row-major map to `width x height` (pixel centres aligned).
-pub fn resize_map(values: &[f32], from_w: usize, from_h: usize, width: u32, height: u32) -> Vec<f32> {
+pub fn resize_map(
+    values: &[f32],
+    from_w: usize,
+    from_h: usize,
+    width: u32,
+    height: u32,
+) -> Vec<f32> {
     let (w, h) = (width as usize, height as usize);
     let sx = from_w as f32 / w as f32;
     let sy = from_h as f32 / h as f32;
@@ -294,7 +300,10 @@ pub type FileInspection = (PathBuf, Result<Inspection, DecodeError>);
 
 impl Inspector {
     /// Loads a model file for inspection on `device`.
-    pub fn load(path: &Path, device: &Device) -> Result<Inspector, crate::engine::model::ModelFileError> {
+    pub fn load(
+        path: &Path,
+        device: &Device,
+    ) -> Result<Inspector, crate::engine::model::ModelFileError> {
         let file = ModelFile::load(path, device)?;
         Ok(Self::from_model(file, device))
     }
@@ -319,7 +328,11 @@ impl Inspector {
     }
 
     /// Inspects decoded images in one batch.
-    pub fn inspect_images(&self, images: &[&DecodedImage], thresholds: Thresholds) -> Vec<Inspection> {
+    pub fn inspect_images(
+        &self,
+        images: &[&DecodedImage],
+        thresholds: Thresholds,
+    ) -> Vec<Inspection> {
         let size = self.header.image_size_px;
         let prepared: Vec<PreparedImage> = images
             .iter()
@@ -331,7 +344,8 @@ impl Inspector {
             .zip(images)
             .map(|(small, img)| {
                 let score = small.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let values = resize_map(&small, size as usize, size as usize, img.width, img.height);
+                let values =
+                    resize_map(&small, size as usize, size as usize, img.width, img.height);
                 let map = AnomalyMap {
                     width: img.width,
                     height: img.height,
@@ -371,7 +385,9 @@ impl Inspector {
             let mut inspections = self.inspect_images(&ok, thresholds).into_iter();
             for (path, d) in chunk.iter().zip(decoded) {
                 let result = match d {
-                    Ok(_) => Ok(inspections.next().expect("one inspection per decoded image")),
+                    Ok(_) => Ok(inspections
+                        .next()
+                        .expect("one inspection per decoded image")),
                     Err(e) => Err(e),
                 };
                 on_result((path.clone(), result));

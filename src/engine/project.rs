@@ -232,14 +232,16 @@ fn folder_of(path: &Path) -> PathBuf {
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
 }
 
 fn relativize(base: &Path, p: &Path) -> PathBuf {
     let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    abs.strip_prefix(base)
-        .map(Path::to_path_buf)
-        .unwrap_or(abs)
+    abs.strip_prefix(base).map(Path::to_path_buf).unwrap_or(abs)
 }
 
 #[cfg(test)]
@@ -265,8 +267,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("p.inkspect");
         let mut p = Project::new("Dies");
-        p.images.push(image(&dir.path().join("imgs/a.png"), "h1", ImageRole::TrainGood));
-        p.images.push(image(Path::new("/elsewhere/b.png"), "h2", ImageRole::TestNok));
+        p.images.push(image(
+            &dir.path().join("imgs/a.png"),
+            "h1",
+            ImageRole::TrainGood,
+        ));
+        p.images.push(image(
+            Path::new("/elsewhere/b.png"),
+            "h2",
+            ImageRole::TestNok,
+        ));
         p.thresholds = Some(Thresholds {
             segmentation: 0.1,
             classification: 0.2,
@@ -276,7 +286,10 @@ mod tests {
         assert!(text.contains("\"imgs/a.png\""), "{text}");
         assert!(text.contains("/elsewhere/b.png"));
         let back = Project::load(&file).unwrap();
-        assert_eq!(back.images[0].path, std::path::absolute(dir.path().join("imgs/a.png")).unwrap());
+        assert_eq!(
+            back.images[0].path,
+            std::path::absolute(dir.path().join("imgs/a.png")).unwrap()
+        );
         assert_eq!(back.thresholds, p.thresholds);
         assert_eq!(back.counts().test_nok, 1);
         assert_eq!(back.missing_files().len(), 2);
@@ -295,7 +308,10 @@ mod tests {
         assert!(matches!(e, ProjectError::Invalid { .. }));
         assert!(e.to_string().contains("p.inkspect"));
         std::fs::write(&file, b"{\"format_version\": 99}").unwrap();
-        assert!(matches!(Project::load(&file), Err(ProjectError::TooNew { found: 99, .. })));
+        assert!(matches!(
+            Project::load(&file),
+            Err(ProjectError::TooNew { found: 99, .. })
+        ));
         std::fs::write(&file, b"{\"format_version\": 1, \"name\": \"old\"}").unwrap();
         let p = Project::load(&file).unwrap();
         assert_eq!(p.name, "old");

@@ -322,13 +322,19 @@ fn run(
 ) -> Result<TrainingSummary, TrainError> {
     let settings = request.training;
     if settings.max_epochs == 0 {
-        return Err(TrainError::InvalidSettings("epochs must be at least 1".into()));
+        return Err(TrainError::InvalidSettings(
+            "epochs must be at least 1".into(),
+        ));
     }
     if settings.batch_size == 0 {
-        return Err(TrainError::InvalidSettings("batch size must be at least 1".into()));
+        return Err(TrainError::InvalidSettings(
+            "batch size must be at least 1".into(),
+        ));
     }
     if !(settings.learning_rate.is_finite() && settings.learning_rate > 0.0) {
-        return Err(TrainError::InvalidSettings("learning rate must be positive".into()));
+        return Err(TrainError::InvalidSettings(
+            "learning rate must be positive".into(),
+        ));
     }
     let size = request.dataset.effective_size_px();
     let mode = ColourMode::for_dataset(request.images.iter().map(|i| i.mode));
@@ -355,7 +361,7 @@ fn run(
                     None => prepare_file(&img.path, size, mode, &request.cache),
                 };
                 let n = done.fetch_add(1, Ordering::Relaxed) + 1;
-                if n % progress_every == 0 {
+                if n.is_multiple_of(progress_every) {
                     let _ = tx.try_send(TrainEvent::Preparing { done: n, total });
                 }
                 Some((img.content_hash.clone(), r))
@@ -492,7 +498,11 @@ fn run(
         device: request.device.description.clone(),
         history,
     };
-    let scoring_set = if val_set.is_empty() { &train_set } else { &val_set };
+    let scoring_set = if val_set.is_empty() {
+        &train_set
+    } else {
+        &val_set
+    };
     let scores = image_scores(&trained, scoring_set, settings.batch_size, &device);
     let thresholds = suggest_thresholds(&scores).ok_or(TrainError::TooFewImages {
         found: prepared.len(),

@@ -17,7 +17,11 @@ pub fn heat_colour(t: f32) -> [u8; 3] {
         [0.98, 0.55, 0.04],
         [0.99, 1.0, 0.64],
     ];
-    let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 1.0 };
+    let t = if t.is_finite() {
+        t.clamp(0.0, 1.0)
+    } else {
+        1.0
+    };
     let x = t * (STOPS.len() - 1) as f32;
     let i = (x.floor() as usize).min(STOPS.len() - 2);
     let f = x - i as f32;
@@ -58,7 +62,11 @@ pub fn overlay(image: &DecodedImage, inspection: &Inspection, opacity: f32) -> i
     for (i, px) in out.pixels_mut().enumerate() {
         let base = match image.mode {
             ColourMode::Mono => [image.pixels[i]; 3],
-            ColourMode::Colour => [image.pixels[3 * i], image.pixels[3 * i + 1], image.pixels[3 * i + 2]],
+            ColourMode::Colour => [
+                image.pixels[3 * i],
+                image.pixels[3 * i + 1],
+                image.pixels[3 * i + 2],
+            ],
         };
         let v = inspection.map.values.get(i).copied().unwrap_or(0.0);
         let a = heat_fraction(v, seg) * opacity;

@@ -410,11 +410,17 @@ impl InkspectApp {
         self.poll_evaluation(ctx);
         self.thumbnails.poll(ctx);
         self.toasts.retain(|t| t.until > Instant::now());
-        if self.import.is_some() || self.is_training() || self.evaluation.scoring.is_some() || self.evaluation.inspecting {
+        if self.import.is_some()
+            || self.is_training()
+            || self.evaluation.scoring.is_some()
+            || self.evaluation.inspecting
+        {
             ctx.request_repaint_after(Duration::from_millis(100));
         }
         if let Some(t) = self.toasts.iter().map(|t| t.until).min() {
-            ctx.request_repaint_after(t.saturating_duration_since(Instant::now()) + Duration::from_millis(10));
+            ctx.request_repaint_after(
+                t.saturating_duration_since(Instant::now()) + Duration::from_millis(10),
+            );
         }
     }
 
@@ -594,12 +600,19 @@ impl InkspectApp {
     /// Opens a native "save as" dialog on its own thread.
     pub fn dialog_save_as(&self) {
         let tx = self.dialog_tx.clone();
-        let name = format!("{}.{}", sanitize(&self.project.name), crate::engine::project::PROJECT_EXTENSION);
+        let name = format!(
+            "{}.{}",
+            sanitize(&self.project.name),
+            crate::engine::project::PROJECT_EXTENSION
+        );
         std::thread::spawn(move || {
             if let Some(p) = rfd::FileDialog::new()
                 .set_title("Save project as")
                 .set_file_name(name)
-                .add_filter("Inkspect project", &[crate::engine::project::PROJECT_EXTENSION])
+                .add_filter(
+                    "Inkspect project",
+                    &[crate::engine::project::PROJECT_EXTENSION],
+                )
                 .save_file()
             {
                 let _ = tx.send(Command::SaveProjectAs(p));
@@ -613,7 +626,10 @@ impl InkspectApp {
         std::thread::spawn(move || {
             if let Some(p) = rfd::FileDialog::new()
                 .set_title("Open project")
-                .add_filter("Inkspect project", &[crate::engine::project::PROJECT_EXTENSION])
+                .add_filter(
+                    "Inkspect project",
+                    &[crate::engine::project::PROJECT_EXTENSION],
+                )
                 .pick_file()
             {
                 let _ = tx.send(Command::OpenProject(p));
@@ -625,12 +641,16 @@ impl InkspectApp {
     pub fn dialog_import(&self, role: ImageRole, folder: bool) {
         let tx = self.dialog_tx.clone();
         std::thread::spawn(move || {
-            let dialog = rfd::FileDialog::new().set_title(format!("Import {} images", role.label()));
+            let dialog =
+                rfd::FileDialog::new().set_title(format!("Import {} images", role.label()));
             let paths = if folder {
                 dialog.pick_folder().map(|p| vec![p])
             } else {
                 dialog
-                    .add_filter("Images", crate::engine::dataset::decode::SUPPORTED_EXTENSIONS)
+                    .add_filter(
+                        "Images",
+                        crate::engine::dataset::decode::SUPPORTED_EXTENSIONS,
+                    )
                     .pick_files()
             };
             if let Some(paths) = paths {
@@ -765,7 +785,9 @@ impl InkspectApp {
     }
 
     fn poll_training(&mut self) {
-        let Some(view) = &mut self.training else { return };
+        let Some(view) = &mut self.training else {
+            return;
+        };
         let Some(handle) = &view.handle else { return };
         let mut finished: Option<(PathBuf, TrainingSummary)> = None;
         let mut ended = false;
@@ -777,7 +799,9 @@ impl InkspectApp {
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => {
                     ended = true;
                     if view.outcome.is_none() {
-                        view.outcome = Some(TrainingOutcome::Failed("the training stopped unexpectedly".into()));
+                        view.outcome = Some(TrainingOutcome::Failed(
+                            "the training stopped unexpectedly".into(),
+                        ));
                     }
                     break;
                 }
@@ -787,12 +811,24 @@ impl InkspectApp {
                     view.status = format!("Preparing images {done}/{total}");
                 }
                 TrainEvent::Warning { message } => view.warnings.push(message),
-                TrainEvent::Started { n_train, n_validation, device, .. } => {
+                TrainEvent::Started {
+                    n_train,
+                    n_validation,
+                    device,
+                    ..
+                } => {
                     view.status = format!(
                         "Training on {n_train} images (validating on {n_validation}), {device}"
                     );
                 }
-                TrainEvent::Batch { epoch, batch, batches, images_per_sec, eta_secs, .. } => {
+                TrainEvent::Batch {
+                    epoch,
+                    batch,
+                    batches,
+                    images_per_sec,
+                    eta_secs,
+                    ..
+                } => {
                     view.batch = Some((epoch, batch, batches));
                     view.images_per_sec = images_per_sec;
                     view.eta_secs = eta_secs;
@@ -802,7 +838,11 @@ impl InkspectApp {
                     view.eta_secs = r.eta_secs;
                     view.history.push(r);
                 }
-                TrainEvent::Finished { summary, model_path, .. } => {
+                TrainEvent::Finished {
+                    summary,
+                    model_path,
+                    ..
+                } => {
                     let why = match summary.stop_reason {
                         StopReason::MaxEpochs => format!("after {} epochs", summary.epochs_run),
                         StopReason::ErrorThreshold => format!(
@@ -820,11 +860,16 @@ impl InkspectApp {
                     ended = true;
                 }
                 TrainEvent::Cancelled { epochs_done } => {
-                    view.status = format!("Cancelled after {epochs_done} epochs; the previous model is unchanged");
+                    view.status = format!(
+                        "Cancelled after {epochs_done} epochs; the previous model is unchanged"
+                    );
                     view.outcome = Some(TrainingOutcome::Cancelled);
                     notify = Some((
                         format!("Inkspect: training cancelled – {}", self.project.name),
-                        format!("Training of \"{}\" was cancelled after {epochs_done} epochs.", self.project.name),
+                        format!(
+                            "Training of \"{}\" was cancelled after {epochs_done} epochs.",
+                            self.project.name
+                        ),
                     ));
                     ended = true;
                 }
@@ -875,7 +920,9 @@ impl InkspectApp {
         self.evaluation.inspector = None;
         self.evaluation.scores.clear();
         self.evaluation.viewer = None;
-        let Some(path) = self.project.model_path.clone() else { return };
+        let Some(path) = self.project.model_path.clone() else {
+            return;
+        };
         let device = self.device();
         match Inspector::load(&path, &device.device) {
             Ok(inspector) => {
@@ -892,7 +939,12 @@ impl InkspectApp {
             .inspector
             .as_ref()
             .and_then(|i| i.lock().ok().map(|i| i.header.clone()))
-            .or_else(|| self.project.model_path.as_ref().and_then(|p| ModelFile::read_header(p).ok()))
+            .or_else(|| {
+                self.project
+                    .model_path
+                    .as_ref()
+                    .and_then(|p| ModelFile::read_header(p).ok())
+            })
     }
 
     fn ensure_eval_channel(&mut self) {
@@ -923,7 +975,10 @@ impl InkspectApp {
             .map(|(k, i)| (k, i.path.clone()))
             .collect();
         if jobs.is_empty() {
-            self.toast("Import test images (good and nok) to evaluate the model", true);
+            self.toast(
+                "Import test images (good and nok) to evaluate the model",
+                true,
+            );
             return;
         }
         self.ensure_eval_channel();
@@ -933,7 +988,9 @@ impl InkspectApp {
         std::thread::spawn(move || {
             for chunk in jobs.chunks(8) {
                 let paths: Vec<PathBuf> = chunk.iter().map(|(_, p)| p.clone()).collect();
-                let Ok(inspector) = inspector.lock() else { return };
+                let Ok(inspector) = inspector.lock() else {
+                    return;
+                };
                 let thresholds = inspector.suggested_thresholds();
                 let mut k = 0;
                 let mut out = Vec::new();
@@ -957,18 +1014,26 @@ impl InkspectApp {
         if self.evaluation.inspector.is_none() && self.project.model_path.is_some() {
             self.load_inspector();
         }
-        let Some(inspector) = self.evaluation.inspector.clone() else { return };
-        let Some(image) = self.project.images.get(index) else { return };
+        let Some(inspector) = self.evaluation.inspector.clone() else {
+            return;
+        };
+        let Some(image) = self.project.images.get(index) else {
+            return;
+        };
         let path = image.path.clone();
         self.ensure_eval_channel();
         self.evaluation.inspecting = true;
         let tx = self.evaluation.sender.clone();
         std::thread::spawn(move || {
-            let result = decode_image(&path).map_err(|e| e.to_string()).and_then(|decoded| {
-                let inspector = inspector.lock().map_err(|_| "model lock poisoned".to_string())?;
-                let ins = inspector.inspect(&decoded, inspector.suggested_thresholds());
-                Ok((decoded, ins))
-            });
+            let result = decode_image(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|decoded| {
+                    let inspector = inspector
+                        .lock()
+                        .map_err(|_| "model lock poisoned".to_string())?;
+                    let ins = inspector.inspect(&decoded, inspector.suggested_thresholds());
+                    Ok((decoded, ins))
+                });
             let _ = tx.send(match result {
                 Ok(pair) => EvalEvent::Inspected(index, Box::new(pair)),
                 Err(e) => EvalEvent::InspectFailed(index, e),
@@ -977,7 +1042,9 @@ impl InkspectApp {
     }
 
     fn poll_evaluation(&mut self, ctx: &egui::Context) {
-        let Some(rx) = &self.evaluation.events else { return };
+        let Some(rx) = &self.evaluation.events else {
+            return;
+        };
         let mut events = Vec::new();
         while let Ok(e) = rx.try_recv() {
             events.push(e);
@@ -992,7 +1059,12 @@ impl InkspectApp {
                 }
                 EvalEvent::ScoresDone => {
                     self.evaluation.scoring = None;
-                    let failed = self.evaluation.scores.values().filter(|r| r.is_err()).count();
+                    let failed = self
+                        .evaluation
+                        .scores
+                        .values()
+                        .filter(|r| r.is_err())
+                        .count();
                     if failed > 0 {
                         self.toast(format!("{failed} test images could not be read"), true);
                     }
@@ -1006,14 +1078,17 @@ impl InkspectApp {
                     self.evaluation.scores.insert(i, Ok(inspection.score));
                     let thresholds = self.thresholds().unwrap_or(inspection.thresholds);
                     inspection.apply_thresholds(thresholds);
-                    let plain = ctx.load_texture("viewer-plain", color_image(&decoded), egui::TextureOptions::LINEAR);
+                    let plain = ctx.load_texture(
+                        "viewer-plain",
+                        color_image(&decoded),
+                        egui::TextureOptions::LINEAR,
+                    );
                     let over = overlay_image(&decoded, &inspection);
-                    let overlay = ctx.load_texture("viewer-overlay", over, egui::TextureOptions::LINEAR);
-                    let same_size = self
-                        .evaluation
-                        .viewer
-                        .as_ref()
-                        .is_some_and(|v| (v.decoded.width, v.decoded.height) == (decoded.width, decoded.height));
+                    let overlay =
+                        ctx.load_texture("viewer-overlay", over, egui::TextureOptions::LINEAR);
+                    let same_size = self.evaluation.viewer.as_ref().is_some_and(|v| {
+                        (v.decoded.width, v.decoded.height) == (decoded.width, decoded.height)
+                    });
                     if !same_size {
                         self.evaluation.scene_rect = egui::Rect::ZERO;
                     }
@@ -1040,7 +1115,10 @@ impl InkspectApp {
         if let Some(v) = &mut self.evaluation.viewer {
             v.inspection.apply_thresholds(t);
             if v.overlay_thresholds != t {
-                v.overlay.set(overlay_image(&v.decoded, &v.inspection), egui::TextureOptions::LINEAR);
+                v.overlay.set(
+                    overlay_image(&v.decoded, &v.inspection),
+                    egui::TextureOptions::LINEAR,
+                );
                 v.overlay_thresholds = t;
             }
         }
@@ -1092,7 +1170,11 @@ impl InkspectApp {
 
     fn project_bar(&mut self, ui: &mut egui::Ui) {
         ui.horizontal_wrapped(|ui| {
-            if ui.button("New").on_hover_text("Start a new, empty project").clicked() {
+            if ui
+                .button("New")
+                .on_hover_text("Start a new, empty project")
+                .clicked()
+            {
                 if self.dirty {
                     self.confirm_new = true;
                 } else {
@@ -1133,9 +1215,17 @@ impl InkspectApp {
                 self.send(Command::SetFramework(framework));
             }
             ui.separator();
-            let name = format!("{}{}", self.project.name, if self.dirty { " *" } else { "" });
+            let name = format!(
+                "{}{}",
+                self.project.name,
+                if self.dirty { " *" } else { "" }
+            );
             ui.label(RichText::new(name).strong())
-                .on_hover_text(if self.dirty { "Unsaved changes" } else { "All changes saved" });
+                .on_hover_text(if self.dirty {
+                    "Unsaved changes"
+                } else {
+                    "All changes saved"
+                });
         });
         ui.add_space(2.0);
         ui.horizontal(|ui| {
@@ -1144,7 +1234,10 @@ impl InkspectApp {
                 (Tab::Training, "2  Training"),
                 (Tab::Evaluation, "3  Evaluation"),
             ] {
-                if ui.selectable_label(self.tab == tab, RichText::new(label).size(16.0)).clicked() {
+                if ui
+                    .selectable_label(self.tab == tab, RichText::new(label).size(16.0))
+                    .clicked()
+                {
                     self.send(Command::SwitchTab(tab));
                 }
             }
@@ -1228,15 +1321,24 @@ impl InkspectApp {
         }
         if let Some(drop) = self.pending_drop.clone() {
             let resp = egui::Modal::new(egui::Id::unique("drop-role")).show(ui.ctx(), |ui| {
-                ui.heading(format!("Import {} dropped items as test images", drop.paths.len()));
+                ui.heading(format!(
+                    "Import {} dropped items as test images",
+                    drop.paths.len()
+                ));
                 ui.label("Are these good parts or defective (nok) parts?");
                 ui.horizontal(|ui| {
                     if ui.button("Good").clicked() {
-                        self.send(Command::Import { paths: drop.paths.clone(), role: ImageRole::TestGood });
+                        self.send(Command::Import {
+                            paths: drop.paths.clone(),
+                            role: ImageRole::TestGood,
+                        });
                         ui.close();
                     }
                     if ui.button("Nok (defective)").clicked() {
-                        self.send(Command::Import { paths: drop.paths.clone(), role: ImageRole::TestNok });
+                        self.send(Command::Import {
+                            paths: drop.paths.clone(),
+                            role: ImageRole::TestNok,
+                        });
                         ui.close();
                     }
                     if ui.button("Cancel").clicked() {
@@ -1274,7 +1376,11 @@ impl InkspectApp {
                 for t in &self.toasts {
                     egui::Frame::popup(ui.style()).show(ui, |ui| {
                         ui.set_max_width(420.0);
-                        let colour = if t.is_error { style::WARN } else { Color32::LIGHT_GRAY };
+                        let colour = if t.is_error {
+                            style::WARN
+                        } else {
+                            Color32::LIGHT_GRAY
+                        };
                         ui.label(RichText::new(&t.text).color(colour));
                     });
                 }
@@ -1334,7 +1440,13 @@ pub fn overlay_image(decoded: &DecodedImage, inspection: &Inspection) -> egui::C
 fn sanitize(name: &str) -> String {
     let s: String = name
         .chars()
-        .map(|c| if c.is_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     if s.is_empty() { "project".into() } else { s }
 }
@@ -1351,12 +1463,21 @@ pub fn config_dir() -> Option<PathBuf> {
     std::env::var_os("INKSPECT_CONFIG_DIR")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("XDG_CONFIG_HOME").map(|d| PathBuf::from(d).join("inkspect")))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config").join("inkspect")))
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config").join("inkspect"))
+        })
 }
 
 /// `$XDG_DATA_HOME/inkspect`, else `~/.local/share/inkspect`.
 pub fn data_dir() -> Option<PathBuf> {
     std::env::var_os("XDG_DATA_HOME")
         .map(|d| PathBuf::from(d).join("inkspect"))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local").join("share").join("inkspect")))
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| {
+                PathBuf::from(h)
+                    .join(".local")
+                    .join("share")
+                    .join("inkspect")
+            })
+        })
 }

@@ -50,7 +50,11 @@ fn settings(app: &mut InkspectApp, ui: &mut egui::Ui) {
     let spec = autoencoder_spec_for(d.effective_complexity(), mode.channels());
     ui.label(format!(
         "Trains at {size} × {size} px, {} · {} parameters",
-        if mode.channels() == 1 { "mono" } else { "colour" },
+        if mode.channels() == 1 {
+            "mono"
+        } else {
+            "colour"
+        },
         spec.parameter_count()
     ));
     ui.add_space(style::GAP);
@@ -77,19 +81,27 @@ fn preview(app: &mut InkspectApp, ui: &mut egui::Ui, d: &DatasetSettings) {
         if let Some(img) = app.project.images.get(index)
             && let Ok(decoded) = decode_image(&img.path)
         {
-            let original = ui.ctx().load_texture("preview-original", color_image(&decoded), egui::TextureOptions::LINEAR);
+            let original = ui.ctx().load_texture(
+                "preview-original",
+                color_image(&decoded),
+                egui::TextureOptions::LINEAR,
+            );
             let small_mode = decoded.mode;
             let planar = decoded.resize_planar(size, small_mode);
             let n = (size * size) as usize;
             let small = match small_mode.channels() {
                 1 => egui::ColorImage::from_gray([size as usize, size as usize], &planar),
                 _ => {
-                    let rgb: Vec<u8> = (0..n).flat_map(|i| [planar[i], planar[n + i], planar[2 * n + i]]).collect();
+                    let rgb: Vec<u8> = (0..n)
+                        .flat_map(|i| [planar[i], planar[n + i], planar[2 * n + i]])
+                        .collect();
                     egui::ColorImage::from_rgb([size as usize, size as usize], &rgb)
                 }
             };
             // Nearest filtering: the user sees the real pixels of the downscaled image.
-            let downscaled = ui.ctx().load_texture("preview-downscaled", small, egui::TextureOptions::NEAREST);
+            let downscaled =
+                ui.ctx()
+                    .load_texture("preview-downscaled", small, egui::TextureOptions::NEAREST);
             app.preview = Some((key, original, downscaled));
         }
     }
@@ -99,12 +111,18 @@ fn preview(app: &mut InkspectApp, ui: &mut egui::Ui, d: &DatasetSettings) {
             let aspect = original.size()[1] as f32 / original.size()[0] as f32;
             ui.horizontal(|ui| {
                 ui.add(egui::Image::new((original.id(), egui::vec2(w, w * aspect))));
-                ui.add(egui::Image::new((downscaled.id(), egui::vec2(w, w * aspect))));
+                ui.add(egui::Image::new((
+                    downscaled.id(),
+                    egui::vec2(w, w * aspect),
+                )));
             });
             if let Some(img) = app.project.images.get(index) {
                 ui.label(format!(
                     "{} · {} × {} px to {size} × {size} px",
-                    img.path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+                    img.path
+                        .file_name()
+                        .map(|n| n.to_string_lossy())
+                        .unwrap_or_default(),
                     img.width,
                     img.height
                 ));
@@ -119,17 +137,29 @@ fn preview(app: &mut InkspectApp, ui: &mut egui::Ui, d: &DatasetSettings) {
 fn images(app: &mut InkspectApp, ui: &mut egui::Ui) {
     ui.horizontal_wrapped(|ui| {
         let busy = app.import.is_some();
-        if ui.add_enabled(!busy, egui::Button::new("Import good images…")).clicked() {
+        if ui
+            .add_enabled(!busy, egui::Button::new("Import good images…"))
+            .clicked()
+        {
             app.dialog_import(ImageRole::TrainGood, false);
         }
-        if ui.add_enabled(!busy, egui::Button::new("Import folder…")).clicked() {
+        if ui
+            .add_enabled(!busy, egui::Button::new("Import folder…"))
+            .clicked()
+        {
             app.dialog_import(ImageRole::TrainGood, true);
         }
         ui.separator();
-        if ui.add_enabled(!busy, egui::Button::new("Import test good…")).clicked() {
+        if ui
+            .add_enabled(!busy, egui::Button::new("Import test good…"))
+            .clicked()
+        {
             app.dialog_import(ImageRole::TestGood, false);
         }
-        if ui.add_enabled(!busy, egui::Button::new("Import test nok…")).clicked() {
+        if ui
+            .add_enabled(!busy, egui::Button::new("Import test nok…"))
+            .clicked()
+        {
             app.dialog_import(ImageRole::TestNok, false);
         }
         if ui
@@ -149,9 +179,13 @@ fn images(app: &mut InkspectApp, ui: &mut egui::Ui) {
         let (done, total) = task.progress.lock().map(|p| *p).unwrap_or((0, 0));
         ui.horizontal(|ui| {
             ui.add(
-                egui::ProgressBar::new(if total == 0 { 0.0 } else { done as f32 / total as f32 })
-                    .text(format!("Importing {done}/{total}"))
-                    .desired_width(300.0),
+                egui::ProgressBar::new(if total == 0 {
+                    0.0
+                } else {
+                    done as f32 / total as f32
+                })
+                .text(format!("Importing {done}/{total}"))
+                .desired_width(300.0),
             );
             if ui.button("Cancel import").clicked() {
                 app.send(Command::CancelImport);
@@ -160,15 +194,22 @@ fn images(app: &mut InkspectApp, ui: &mut egui::Ui) {
     }
     if !app.import_failures.is_empty() {
         egui::CollapsingHeader::new(
-            RichText::new(format!("{} files could not be imported", app.import_failures.len())).color(style::WARN),
+            RichText::new(format!(
+                "{} files could not be imported",
+                app.import_failures.len()
+            ))
+            .color(style::WARN),
         )
         .id_salt("import-failures")
         .show(ui, |ui| {
-            egui::ScrollArea::vertical().max_height(120.0).id_salt("failures").show(ui, |ui| {
-                for f in &app.import_failures {
-                    ui.label(&f.reason);
-                }
-            });
+            egui::ScrollArea::vertical()
+                .max_height(120.0)
+                .id_salt("failures")
+                .show(ui, |ui| {
+                    for f in &app.import_failures {
+                        ui.label(&f.reason);
+                    }
+                });
             if ui.button("Clear list").clicked() {
                 app.import_failures.clear();
             }
@@ -180,7 +221,9 @@ fn images(app: &mut InkspectApp, ui: &mut egui::Ui) {
             .add_enabled(n > 0, egui::Button::new(format!("Remove selected ({n})")))
             .clicked()
         {
-            app.send(Command::RemoveImages(app.dataset_selection.iter().copied().collect()));
+            app.send(Command::RemoveImages(
+                app.dataset_selection.iter().copied().collect(),
+            ));
         }
         if n > 0 && ui.button("Clear selection").clicked() {
             app.dataset_selection.clear();
@@ -194,7 +237,12 @@ fn thumbnail_grid(app: &mut InkspectApp, ui: &mut egui::Ui) {
     let n = app.project.images.len();
     if n == 0 {
         ui.centered_and_justified(|ui| {
-            ui.label(RichText::new("No images yet.\nClick \"Import good images…\" or drop a folder here.").size(18.0));
+            ui.label(
+                RichText::new(
+                    "No images yet.\nClick \"Import good images…\" or drop a folder here.",
+                )
+                .size(18.0),
+            );
         });
         return;
     }
@@ -220,22 +268,45 @@ fn thumbnail_grid(app: &mut InkspectApp, ui: &mut egui::Ui) {
                                 Some(tex) => {
                                     let ts = tex.size_vec2();
                                     let scale = (style::THUMB_PX / ts.x.max(ts.y)).min(4.0);
-                                    ui.add(egui::Image::new((tex.id(), ts * scale)).sense(egui::Sense::click()))
+                                    ui.add(
+                                        egui::Image::new((tex.id(), ts * scale))
+                                            .sense(egui::Sense::click()),
+                                    )
                                 }
                                 None => {
-                                    let (rect, resp) = ui.allocate_exact_size(size, egui::Sense::click());
-                                    ui.painter().rect_filled(rect, 2.0, ui.visuals().faint_bg_color);
+                                    let (rect, resp) =
+                                        ui.allocate_exact_size(size, egui::Sense::click());
+                                    ui.painter().rect_filled(
+                                        rect,
+                                        2.0,
+                                        ui.visuals().faint_bg_color,
+                                    );
                                     if app.thumbnails.error(&path).is_some() {
-                                        ui.painter().text(rect.center(), egui::Align2::CENTER_CENTER, "unreadable", egui::FontId::proportional(11.0), style::WARN);
+                                        ui.painter().text(
+                                            rect.center(),
+                                            egui::Align2::CENTER_CENTER,
+                                            "unreadable",
+                                            egui::FontId::proportional(11.0),
+                                            style::WARN,
+                                        );
                                     }
                                     resp
                                 }
                             };
                             if selected {
-                                ui.painter().rect_stroke(resp.rect.expand(2.0), 2.0, egui::Stroke::new(2.0, ui.visuals().selection.stroke.color), egui::StrokeKind::Outside);
+                                ui.painter().rect_stroke(
+                                    resp.rect.expand(2.0),
+                                    2.0,
+                                    egui::Stroke::new(2.0, ui.visuals().selection.stroke.color),
+                                    egui::StrokeKind::Outside,
+                                );
                             }
-                            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                            let resp = resp.on_hover_text(format!("{}\n{}", path.display(), role.label()));
+                            let name = path
+                                .file_name()
+                                .map(|n| n.to_string_lossy().into_owned())
+                                .unwrap_or_default();
+                            let resp =
+                                resp.on_hover_text(format!("{}\n{}", path.display(), role.label()));
                             if resp.clicked() {
                                 if selected {
                                     app.dataset_selection.remove(&i);
@@ -248,7 +319,14 @@ fn thumbnail_grid(app: &mut InkspectApp, ui: &mut egui::Ui) {
                                 ImageRole::TestGood => style::GOOD,
                                 ImageRole::TrainGood => ui.visuals().text_color(),
                             };
-                            ui.add(egui::Label::new(RichText::new(style::shorten(&name, 16)).size(10.0).color(colour)).truncate());
+                            ui.add(
+                                egui::Label::new(
+                                    RichText::new(style::shorten(&name, 16))
+                                        .size(10.0)
+                                        .color(colour),
+                                )
+                                .truncate(),
+                            );
                         });
                     }
                 });

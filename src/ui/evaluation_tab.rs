@@ -26,7 +26,9 @@ pub fn show(app: &mut InkspectApp, ui: &mut egui::Ui) {
         .resizable(true)
         .default_size(340.0)
         .show(ui, |ui| {
-            egui::ScrollArea::vertical().id_salt("results-scroll").show(ui, |ui| results(app, ui));
+            egui::ScrollArea::vertical()
+                .id_salt("results-scroll")
+                .show(ui, |ui| results(app, ui));
         });
     egui::CentralPanel::default().show(ui, |ui| super::viewer::show(app, ui));
 }
@@ -51,10 +53,16 @@ fn image_list(app: &mut InkspectApp, ui: &mut egui::Ui) {
     ui.heading("Test images");
     ui.horizontal_wrapped(|ui| {
         let busy = app.import.is_some();
-        if ui.add_enabled(!busy, egui::Button::new("Add good…")).clicked() {
+        if ui
+            .add_enabled(!busy, egui::Button::new("Add good…"))
+            .clicked()
+        {
             app.dialog_import(ImageRole::TestGood, false);
         }
-        if ui.add_enabled(!busy, egui::Button::new("Add nok…")).clicked() {
+        if ui
+            .add_enabled(!busy, egui::Button::new("Add nok…"))
+            .clicked()
+        {
             app.dialog_import(ImageRole::TestNok, false);
         }
     });
@@ -62,7 +70,10 @@ fn image_list(app: &mut InkspectApp, ui: &mut egui::Ui) {
     let scoring = app.evaluation.scoring;
     ui.horizontal(|ui| {
         if ui
-            .add_enabled(has_model && scoring.is_none(), egui::Button::new(RichText::new("Run model").strong()))
+            .add_enabled(
+                has_model && scoring.is_none(),
+                egui::Button::new(RichText::new("Run model").strong()),
+            )
             .on_disabled_hover_text("Train a model first")
             .on_hover_text("Score every test image")
             .clicked()
@@ -72,7 +83,10 @@ fn image_list(app: &mut InkspectApp, ui: &mut egui::Ui) {
         ui.checkbox(&mut app.evaluation.sort_by_score, "Sort by score");
     });
     if let Some((done, total)) = scoring {
-        ui.add(egui::ProgressBar::new(done as f32 / total.max(1) as f32).text(format!("Scoring {done}/{total}")));
+        ui.add(
+            egui::ProgressBar::new(done as f32 / total.max(1) as f32)
+                .text(format!("Scoring {done}/{total}")),
+        );
     }
     ui.separator();
     let thresholds = app.thresholds();
@@ -83,17 +97,30 @@ fn image_list(app: &mut InkspectApp, ui: &mut egui::Ui) {
         .enumerate()
         .filter(|(_, img)| img.role != ImageRole::TrainGood)
         .map(|(i, img)| {
-            let name = img.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let score = app.evaluation.scores.get(&i).and_then(|r| r.as_ref().ok().copied());
+            let name = img
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let score = app
+                .evaluation
+                .scores
+                .get(&i)
+                .and_then(|r| r.as_ref().ok().copied());
             (i, name, img.role, score)
         })
         .collect();
     if rows.is_empty() {
-        ui.label(RichText::new("No test images. Add good and nok images, or drop them here.").italics());
+        ui.label(
+            RichText::new("No test images. Add good and nok images, or drop them here.").italics(),
+        );
         return;
     }
     if app.evaluation.sort_by_score {
-        rows.sort_by(|a, b| b.3.unwrap_or(f32::NEG_INFINITY).total_cmp(&a.3.unwrap_or(f32::NEG_INFINITY)));
+        rows.sort_by(|a, b| {
+            b.3.unwrap_or(f32::NEG_INFINITY)
+                .total_cmp(&a.3.unwrap_or(f32::NEG_INFINITY))
+        });
     }
     let row_h = ui.text_style_height(&egui::TextStyle::Body) + 4.0;
     egui::ScrollArea::vertical()
@@ -106,11 +133,17 @@ fn image_list(app: &mut InkspectApp, ui: &mut egui::Ui) {
                     _ => None,
                 };
                 let selected = app.evaluation.selected == Some(*i);
-                let truth = if *role == ImageRole::TestNok { "nok" } else { "good" };
+                let truth = if *role == ImageRole::TestNok {
+                    "nok"
+                } else {
+                    "good"
+                };
                 let text = format!(
-                    "{}  [{truth}]  {}  {}",
-                    format!("{:<22}", style::shorten(name, 22)),
-                    score.map(|s| format!("{s:.5}")).unwrap_or_else(|| "–".into()),
+                    "{:<22}  [{truth}]  {}  {}",
+                    style::shorten(name, 22),
+                    score
+                        .map(|s| format!("{s:.5}"))
+                        .unwrap_or_else(|| "–".into()),
                     verdict.map(|v| v.label()).unwrap_or("")
                 );
                 let colour = match verdict {
@@ -118,7 +151,10 @@ fn image_list(app: &mut InkspectApp, ui: &mut egui::Ui) {
                     Some(Class::Good) => style::GOOD,
                     None => ui.visuals().text_color(),
                 };
-                if ui.selectable_label(selected, RichText::new(text).color(colour).monospace()).clicked() {
+                if ui
+                    .selectable_label(selected, RichText::new(text).color(colour).monospace())
+                    .clicked()
+                {
                     app.send(Command::SelectImage(*i));
                 }
             }
@@ -132,7 +168,9 @@ fn slider_range(app: &InkspectApp, t: Thresholds) -> (f32, f32) {
         .values()
         .filter_map(|r| r.as_ref().ok().copied())
         .fold(0.0f32, f32::max);
-    let hi = (max_score * 1.5).max(t.classification.max(t.segmentation) * 4.0).max(1e-6);
+    let hi = (max_score * 1.5)
+        .max(t.classification.max(t.segmentation) * 4.0)
+        .max(1e-6);
     (hi / 1e4, hi)
 }
 
@@ -185,21 +223,40 @@ fn results(app: &mut InkspectApp, ui: &mut egui::Ui) {
     match &app.evaluation.viewer {
         Some(v) if app.evaluation.selected == Some(v.index) => {
             let ins = &v.inspection;
-            let colour = if ins.class == Class::Nok { style::NOK } else { style::GOOD };
-            egui::Grid::new("result-grid").num_columns(2).show(ui, |ui| {
-                ui.label("Anomaly score");
-                ui.label(RichText::new(format!("{:.6}", ins.score)).monospace());
-                ui.end_row();
-                ui.label("Classification");
-                ui.label(RichText::new(ins.class.label()).color(colour).strong().size(18.0));
-                ui.end_row();
-                ui.label("Classification ID");
-                ui.label(RichText::new(ins.class_id().to_string()).color(colour).strong());
-                ui.end_row();
-                ui.label("Abnormal region");
-                ui.label(format!("{} parts, {} px", ins.region.components.len(), ins.region.area_px));
-                ui.end_row();
-            });
+            let colour = if ins.class == Class::Nok {
+                style::NOK
+            } else {
+                style::GOOD
+            };
+            egui::Grid::new("result-grid")
+                .num_columns(2)
+                .show(ui, |ui| {
+                    ui.label("Anomaly score");
+                    ui.label(RichText::new(format!("{:.6}", ins.score)).monospace());
+                    ui.end_row();
+                    ui.label("Classification");
+                    ui.label(
+                        RichText::new(ins.class.label())
+                            .color(colour)
+                            .strong()
+                            .size(18.0),
+                    );
+                    ui.end_row();
+                    ui.label("Classification ID");
+                    ui.label(
+                        RichText::new(ins.class_id().to_string())
+                            .color(colour)
+                            .strong(),
+                    );
+                    ui.end_row();
+                    ui.label("Abnormal region");
+                    ui.label(format!(
+                        "{} parts, {} px",
+                        ins.region.components.len(),
+                        ins.region.area_px
+                    ));
+                    ui.end_row();
+                });
             for c in ins.region.components.iter().take(8) {
                 ui.label(
                     RichText::new(format!(
@@ -233,21 +290,39 @@ fn summary(app: &InkspectApp, ui: &mut egui::Ui, t: Thresholds) {
         return;
     }
     let cm = ConfusionMatrix::at_threshold(&good, &nok, t.classification);
-    egui::Grid::new("confusion").num_columns(3).striped(true).show(ui, |ui| {
-        ui.label("");
-        ui.label(RichText::new("judged good").strong());
-        ui.label(RichText::new("judged nok").strong());
-        ui.end_row();
-        ui.label(RichText::new("good").strong());
-        ui.label(cm.true_good.to_string());
-        ui.label(RichText::new(cm.false_nok.to_string()).color(if cm.false_nok > 0 { style::WARN } else { ui.visuals().text_color() }));
-        ui.end_row();
-        ui.label(RichText::new("nok").strong());
-        ui.label(RichText::new(cm.false_good.to_string()).color(if cm.false_good > 0 { style::NOK } else { ui.visuals().text_color() }));
-        ui.label(cm.true_nok.to_string());
-        ui.end_row();
-    });
-    let pct = |v: Option<f64>| v.map(|x| format!("{:.1} %", 100.0 * x)).unwrap_or_else(|| "–".into());
+    egui::Grid::new("confusion")
+        .num_columns(3)
+        .striped(true)
+        .show(ui, |ui| {
+            ui.label("");
+            ui.label(RichText::new("judged good").strong());
+            ui.label(RichText::new("judged nok").strong());
+            ui.end_row();
+            ui.label(RichText::new("good").strong());
+            ui.label(cm.true_good.to_string());
+            ui.label(
+                RichText::new(cm.false_nok.to_string()).color(if cm.false_nok > 0 {
+                    style::WARN
+                } else {
+                    ui.visuals().text_color()
+                }),
+            );
+            ui.end_row();
+            ui.label(RichText::new("nok").strong());
+            ui.label(
+                RichText::new(cm.false_good.to_string()).color(if cm.false_good > 0 {
+                    style::NOK
+                } else {
+                    ui.visuals().text_color()
+                }),
+            );
+            ui.label(cm.true_nok.to_string());
+            ui.end_row();
+        });
+    let pct = |v: Option<f64>| {
+        v.map(|x| format!("{:.1} %", 100.0 * x))
+            .unwrap_or_else(|| "–".into())
+    };
     ui.label(format!(
         "False alarms {} · escapes {} · accuracy {}",
         pct(cm.false_alarm_rate()),
@@ -255,9 +330,18 @@ fn summary(app: &InkspectApp, ui: &mut egui::Ui, t: Thresholds) {
         pct(cm.accuracy())
     ));
     if let Some(a) = crate::engine::metrics::auroc(&good, &nok) {
-        ui.label(format!("Image AUROC {a:.3} ({} good, {} nok)", good.len(), nok.len()));
+        ui.label(format!(
+            "Image AUROC {a:.3} ({} good, {} nok)",
+            good.len(),
+            nok.len()
+        ));
     }
-    let hi = good.iter().chain(&nok).copied().fold(t.classification, f32::max) * 1.05;
+    let hi = good
+        .iter()
+        .chain(&nok)
+        .copied()
+        .fold(t.classification, f32::max)
+        * 1.05;
     let bins = 30usize;
     let width = f64::from(hi) / bins as f64;
     let bars = |values: &[f32]| -> Vec<Bar> {
@@ -278,6 +362,9 @@ fn summary(app: &InkspectApp, ui: &mut egui::Ui, t: Thresholds) {
         .show(ui, |plot| {
             plot.bar_chart(BarChart::new("good", good_bars).color(style::GOOD));
             plot.bar_chart(BarChart::new("nok", nok_bars).color(style::NOK));
-            plot.vline(VLine::new("classification threshold", f64::from(t.classification)).color(style::THRESHOLD_LINE));
+            plot.vline(
+                VLine::new("classification threshold", f64::from(t.classification))
+                    .color(style::THRESHOLD_LINE),
+            );
         });
 }

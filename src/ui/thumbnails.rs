@@ -74,7 +74,10 @@ impl ThumbnailCache {
 
     /// The thumbnail of `path` if ready; otherwise queues it and returns `None`.
     pub fn get(&mut self, path: &Path) -> Option<&TextureHandle> {
-        if !self.textures.contains_key(path) && !self.failed.contains_key(path) && !self.pending.contains(path) {
+        if !self.textures.contains_key(path)
+            && !self.failed.contains_key(path)
+            && !self.pending.contains(path)
+        {
             self.pending.insert(path.to_path_buf());
             let (lock, cvar) = &*self.queue;
             if let Ok(mut q) = lock.lock() {

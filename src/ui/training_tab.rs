@@ -54,8 +54,9 @@ fn settings(app: &mut InkspectApp, ui: &mut egui::Ui) {
     }
     ui.add_space(style::GAP);
     let device = app.device().description;
-    ui.label(format!("Device: {device}"))
-        .on_hover_text("A real GPU when present (through wgpu), else the CPU. INKSPECT_DEVICE=cpu|gpu overrides.");
+    ui.label(format!("Device: {device}")).on_hover_text(
+        "A real GPU when present (through wgpu), else the CPU. INKSPECT_DEVICE=cpu|gpu overrides.",
+    );
     let counts = app.project.counts();
     ui.label(format!(
         "{} good images ({} px, complexity {})",
@@ -65,15 +66,22 @@ fn settings(app: &mut InkspectApp, ui: &mut egui::Ui) {
     ));
     ui.add_space(style::GAP);
     ui.horizontal(|ui| {
-        let can_train = !running && counts.train_good >= crate::engine::training::MIN_TRAINING_IMAGES;
+        let can_train =
+            !running && counts.train_good >= crate::engine::training::MIN_TRAINING_IMAGES;
         if ui
-            .add_enabled(can_train, egui::Button::new(RichText::new("Train").size(18.0)))
+            .add_enabled(
+                can_train,
+                egui::Button::new(RichText::new("Train").size(18.0)),
+            )
             .on_disabled_hover_text("Import at least 2 good images first")
             .clicked()
         {
             app.send(Command::StartTraining);
         }
-        if ui.add_enabled(running, egui::Button::new("Cancel")).clicked() {
+        if ui
+            .add_enabled(running, egui::Button::new("Cancel"))
+            .clicked()
+        {
             app.send(Command::CancelTraining);
         }
     });
@@ -89,7 +97,11 @@ fn progress(app: &mut InkspectApp, ui: &mut egui::Ui) {
                 "Current model: {} epochs, {:.0} s, final validation error {:.6}",
                 h.training.epochs_run,
                 h.training.train_secs,
-                h.training.history.last().map(|r| r.validation_loss).unwrap_or(f64::NAN)
+                h.training
+                    .history
+                    .last()
+                    .map(|r| r.validation_loss)
+                    .unwrap_or(f64::NAN)
             ));
         }
         return;
@@ -97,8 +109,14 @@ fn progress(app: &mut InkspectApp, ui: &mut egui::Ui) {
     ui.heading(&view.status);
     let epochs_done = view.history.len() as u32;
     let (epoch, fraction) = match view.batch {
-        Some((e, b, n)) if view.handle.is_some() => (e, ((e - 1) as f32 + b as f32 / n.max(1) as f32) / view.max_epochs.max(1) as f32),
-        _ => (epochs_done, epochs_done as f32 / view.max_epochs.max(1) as f32),
+        Some((e, b, n)) if view.handle.is_some() => (
+            e,
+            ((e - 1) as f32 + b as f32 / n.max(1) as f32) / view.max_epochs.max(1) as f32,
+        ),
+        _ => (
+            epochs_done,
+            epochs_done as f32 / view.max_epochs.max(1) as f32,
+        ),
     };
     ui.add(
         egui::ProgressBar::new(fraction.clamp(0.0, 1.0))
@@ -113,7 +131,10 @@ fn progress(app: &mut InkspectApp, ui: &mut egui::Ui) {
         }
         if let Some(last) = view.history.last() {
             ui.separator();
-            ui.label(format!("train error {:.6} · validation error {:.6}", last.train_loss, last.validation_loss));
+            ui.label(format!(
+                "train error {:.6} · validation error {:.6}",
+                last.train_loss, last.validation_loss
+            ));
         }
     });
     if let Some(TrainingOutcome::Failed(msg)) = &view.outcome {
@@ -122,8 +143,16 @@ fn progress(app: &mut InkspectApp, ui: &mut egui::Ui) {
     for w in &view.warnings {
         ui.label(RichText::new(w).color(style::WARN));
     }
-    let train: PlotPoints = view.history.iter().map(|r| [f64::from(r.epoch), r.train_loss]).collect();
-    let val: PlotPoints = view.history.iter().map(|r| [f64::from(r.epoch), r.validation_loss]).collect();
+    let train: PlotPoints = view
+        .history
+        .iter()
+        .map(|r| [f64::from(r.epoch), r.train_loss])
+        .collect();
+    let val: PlotPoints = view
+        .history
+        .iter()
+        .map(|r| [f64::from(r.epoch), r.validation_loss])
+        .collect();
     Plot::new("loss-curve")
         .legend(Legend::default())
         .height(ui.available_height().max(160.0) - 8.0)
@@ -133,8 +162,16 @@ fn progress(app: &mut InkspectApp, ui: &mut egui::Ui) {
         .include_y(0.0)
         .allow_scroll(false)
         .show(ui, |plot| {
-            plot.line(Line::new("train error", train).color(style::TRAIN_LOSS).width(2.0));
-            plot.line(Line::new("validation error", val).color(style::VALIDATION_LOSS).width(2.0));
+            plot.line(
+                Line::new("train error", train)
+                    .color(style::TRAIN_LOSS)
+                    .width(2.0),
+            );
+            plot.line(
+                Line::new("validation error", val)
+                    .color(style::VALIDATION_LOSS)
+                    .width(2.0),
+            );
             if threshold > 0.0 {
                 plot.hline(HLine::new("error threshold", threshold).color(style::THRESHOLD_LINE));
             }

@@ -17,7 +17,11 @@ pub fn show(app: &mut InkspectApp, ui: &mut egui::Ui) {
     };
     ui.horizontal(|ui| {
         ui.checkbox(&mut app.evaluation.show_overlay, "Heatmap and region");
-        if ui.button("Fit").on_hover_text("Show the whole image").clicked() {
+        if ui
+            .button("Fit")
+            .on_hover_text("Show the whole image")
+            .clicked()
+        {
             app.evaluation.scene_rect = egui::Rect::ZERO;
         }
         if let Some(img) = app.project.images.get(selected) {
@@ -36,7 +40,11 @@ pub fn show(app: &mut InkspectApp, ui: &mut egui::Ui) {
     if v.index != selected {
         return;
     }
-    let verdict_colour = if v.inspection.class == Class::Nok { style::NOK } else { style::GOOD };
+    let verdict_colour = if v.inspection.class == Class::Nok {
+        style::NOK
+    } else {
+        style::GOOD
+    };
     ui.label(
         RichText::new(format!(
             "{} (ID {}) · score {:.6}",
@@ -47,7 +55,11 @@ pub fn show(app: &mut InkspectApp, ui: &mut egui::Ui) {
         .color(verdict_colour)
         .strong(),
     );
-    let tex = if app.evaluation.show_overlay { &v.overlay } else { &v.plain };
+    let tex = if app.evaluation.show_overlay {
+        &v.overlay
+    } else {
+        &v.plain
+    };
     let size = egui::vec2(v.decoded.width as f32, v.decoded.height as f32);
     let id = tex.id();
     egui::Frame::canvas(ui.style()).show(ui, |ui| {

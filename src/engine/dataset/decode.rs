@@ -148,7 +148,9 @@ pub fn decode_image_bytes(bytes: &[u8], path: &Path) -> Result<DecodedImage, Dec
         .into_dimensions()
         .map_err(|e| format_err(e.to_string()))?;
     if width == 0 || height == 0 {
-        return Err(format_err(format!("image has zero size ({width} x {height})")));
+        return Err(format_err(format!(
+            "image has zero size ({width} x {height})"
+        )));
     }
     if u64::from(width) * u64::from(height) > MAX_IMAGE_PIXELS
         || width > MAX_IMAGE_SIDE_PX
@@ -236,7 +238,8 @@ impl DecodedImage {
                 .pixels
                 .chunks_exact(3)
                 .map(|p| {
-                    let l = 0.299 * f32::from(p[0]) + 0.587 * f32::from(p[1]) + 0.114 * f32::from(p[2]);
+                    let l =
+                        0.299 * f32::from(p[0]) + 0.587 * f32::from(p[1]) + 0.114 * f32::from(p[2]);
                     l.round().clamp(0.0, 255.0) as u8
                 })
                 .collect(),
@@ -307,8 +310,11 @@ mod tests {
         let img = image::ImageBuffer::<image::Luma<u16>, _>::from_fn(4, 3, |x, _| {
             image::Luma([if x == 0 { 0 } else { 65535 }])
         });
-        let d = decode_image_bytes(&png_bytes(&DynamicImage::ImageLuma16(img)), Path::new("a.png"))
-            .unwrap();
+        let d = decode_image_bytes(
+            &png_bytes(&DynamicImage::ImageLuma16(img)),
+            Path::new("a.png"),
+        )
+        .unwrap();
         assert_eq!(d.mode, ColourMode::Mono);
         assert_eq!(d.source_bits, 16);
         assert_eq!((d.width, d.height), (4, 3));
@@ -319,13 +325,19 @@ mod tests {
     #[test]
     fn colour_stays_colour_and_grey_rgb_becomes_mono() {
         let colour = image::RgbImage::from_fn(5, 5, |x, y| image::Rgb([x as u8 * 40, y as u8, 7]));
-        let d = decode_image_bytes(&png_bytes(&DynamicImage::ImageRgb8(colour)), Path::new("c.png"))
-            .unwrap();
+        let d = decode_image_bytes(
+            &png_bytes(&DynamicImage::ImageRgb8(colour)),
+            Path::new("c.png"),
+        )
+        .unwrap();
         assert_eq!(d.mode, ColourMode::Colour);
         assert_eq!(d.pixels.len(), 75);
         let grey_rgb = image::RgbImage::from_fn(5, 5, |x, _| image::Rgb([x as u8; 3]));
-        let d = decode_image_bytes(&png_bytes(&DynamicImage::ImageRgb8(grey_rgb)), Path::new("g.png"))
-            .unwrap();
+        let d = decode_image_bytes(
+            &png_bytes(&DynamicImage::ImageRgb8(grey_rgb)),
+            Path::new("g.png"),
+        )
+        .unwrap();
         assert_eq!(d.mode, ColourMode::Mono);
     }
 

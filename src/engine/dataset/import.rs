@@ -180,8 +180,12 @@ pub fn scan_mvtec(root: &Path) -> MvtecLayout {
                     None
                 } else {
                     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
-                    stem.map(|s| root.join("ground_truth").join(&kind).join(format!("{s}_mask.png")))
-                        .filter(|m| m.is_file())
+                    stem.map(|s| {
+                        root.join("ground_truth")
+                            .join(&kind)
+                            .join(format!("{s}_mask.png"))
+                    })
+                    .filter(|m| m.is_file())
                 };
                 items.push(ImportItem {
                     path,

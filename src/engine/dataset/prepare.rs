@@ -102,8 +102,12 @@ impl Default for DatasetCache {
                     .map(|d| PathBuf::from(d).join("inkspect").join("prepared"))
             })
             .or_else(|| {
-                std::env::var_os("HOME")
-                    .map(|h| PathBuf::from(h).join(".cache").join("inkspect").join("prepared"))
+                std::env::var_os("HOME").map(|h| {
+                    PathBuf::from(h)
+                        .join(".cache")
+                        .join("inkspect")
+                        .join("prepared")
+                })
             });
         Self { dir }
     }
@@ -278,11 +282,13 @@ mod tests {
 
     #[test]
     fn effective_size_is_a_multiple_of_16_in_range() {
-        let s = |px| DatasetSettings {
-            image_size_px: px,
-            complexity: 20,
-        }
-        .effective_size_px();
+        let s = |px| {
+            DatasetSettings {
+                image_size_px: px,
+                complexity: 20,
+            }
+            .effective_size_px()
+        };
         assert_eq!(s(320), 320);
         assert_eq!(s(300), 304);
         assert_eq!(s(1), 32);

@@ -138,7 +138,11 @@ impl ModelFile {
         };
         if header.autoencoder.widths.is_empty()
             || header.autoencoder.widths.len() > 8
-            || header.autoencoder.widths.iter().any(|&w| w == 0 || w > 4096)
+            || header
+                .autoencoder
+                .widths
+                .iter()
+                .any(|&w| w == 0 || w > 4096)
             || !(1..=4).contains(&header.autoencoder.channels)
             || header.autoencoder.latent_channels == 0
             || header.autoencoder.latent_channels > 4096
@@ -192,7 +196,9 @@ fn parse<'a>(bytes: &'a [u8], path: &Path) -> Result<(ModelHeader, &'a [u8]), Mo
     let body_end = bytes.len() - 8;
     let stored = u64_at(body_end).ok_or_else(|| corrupt("truncated"))?;
     if xxhash_rust::xxh3::xxh3_64(&bytes[..body_end]) != stored {
-        return Err(corrupt("checksum mismatch: the file is truncated or was modified"));
+        return Err(corrupt(
+            "checksum mismatch: the file is truncated or was modified",
+        ));
     }
     let header_len = u64_at(20).ok_or_else(|| corrupt("truncated header length"))? as usize;
     let header_start = 28usize;
@@ -202,7 +208,8 @@ fn parse<'a>(bytes: &'a [u8], path: &Path) -> Result<(ModelHeader, &'a [u8]), Mo
         .ok_or_else(|| corrupt("header length beyond the end of the file"))?;
     let header: ModelHeader = serde_json::from_slice(&bytes[header_start..header_end])
         .map_err(|e| corrupt(&format!("header is not valid: {e}")))?;
-    let weights_len = u64_at(header_end).ok_or_else(|| corrupt("truncated weights length"))? as usize;
+    let weights_len =
+        u64_at(header_end).ok_or_else(|| corrupt("truncated weights length"))? as usize;
     let weights_start = header_end + 8;
     let weights_end = weights_start
         .checked_add(weights_len)

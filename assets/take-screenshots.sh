@@ -20,7 +20,7 @@ shot() { import -window root "$OUT/$1"; echo "wrote $OUT/$1"; }
 click() { xdotool mousemove "$1" "$2" click 1; sleep "${3:-1}"; }
 shot screenshot-dataset.png
 click 150 38 2            # "2 Training"
-click 35 211 25           # "Train": a live training on the demo images
+click 35 211 50           # "Train": a live training on the demo images
 shot screenshot-training.png
 click 99 211 3            # "Cancel": the previous (bundled) model stays
 click 255 38 2            # "3 Evaluation"

@@ -498,7 +498,9 @@ fn eval(args: EvalArgs, device: DevicePreference) -> Result<()> {
     let pb = bar(paths.len() as u64, "evaluating");
     let mut good_scores = Vec::new();
     let mut nok_scores = Vec::new();
-    let mut pixel = PixelRocAccumulator::new(0.0, pixel_range_hi(&inspector), 1 << 16);
+    let hi = pixel_range_hi(&inspector);
+    // Normalised maps go below zero (less error than usual); the range covers that too.
+    let mut pixel = PixelRocAccumulator::new(-hi / 10.0, hi, 1 << 16);
     let mut n_with_masks = 0usize;
     let mut failures = Vec::new();
     let mut per_kind: std::collections::BTreeMap<String, (usize, usize)> = Default::default();

@@ -16,8 +16,8 @@ use crate::engine::model::{ConvAutoencoder, ModelFile, ModelHeader};
 /// Quantile of the validation good images' scores used as the suggested classification threshold.
 pub const SUGGESTED_SCORE_QUANTILE: f64 = 0.99;
 
-/// The two thresholds, in anomaly-map units (smoothed squared reconstruction error, pixel values
-/// scaled to `[0, 1]`).
+/// The two thresholds, in anomaly-map units: how many "typical variations" ([`ErrorStats`]) the
+/// smoothed reconstruction error of a pixel lies above its usual value on good images.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Thresholds {
     /// A pixel whose anomaly value is at or above this is abnormal (part of the region).
@@ -112,7 +112,7 @@ impl Region {
 pub struct Inspection {
     /// Anomaly map at the inspected image's resolution.
     pub map: AnomalyMap,
-    /// Anomaly score: the maximum of the smoothed anomaly map at model resolution.
+    /// Anomaly score: the maximum of the anomaly map at model resolution.
     pub score: f32,
     /// Thresholds the region and class were derived with.
     pub thresholds: Thresholds,
@@ -182,12 +182,73 @@ pub fn smoothing_sigma_px(size_px: u32) -> f32 {
     (size_px as f32 / 128.0).max(1.0)
 }
 
-/// Smoothed anomaly maps at model resolution (`size * size` values each) for a batch of prepared
-/// images: squared reconstruction error averaged over channels, Gaussian smoothed.
+/// Per-pixel statistics of the smoothed reconstruction error of the training good images, at
+/// model resolution. Anomaly maps are expressed relative to them: places the model always redraws
+/// poorly (fine texture, sharp pattern edges) stop looking abnormal, and what remains is what good
+/// images do not show.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorStats {
+    /// Mean error per pixel (`size * size`).
+    pub mean: Vec<f32>,
+    /// Standard deviation of the error per pixel (`size * size`).
+    pub std: Vec<f32>,
+    /// Added to every standard deviation: the mean of `std`, so that pixels that hardly vary do
+    /// not turn noise into huge values.
+    pub std_floor: f32,
+}
+
+impl ErrorStats {
+    /// Statistics of `maps` (each `size * size`); `None` without maps.
+    pub fn from_maps(maps: impl IntoIterator<Item = Vec<f32>>) -> Option<ErrorStats> {
+        let mut n = 0f64;
+        let mut mean: Vec<f64> = Vec::new();
+        let mut m2: Vec<f64> = Vec::new();
+        for map in maps {
+            if mean.is_empty() {
+                mean = vec![0.0; map.len()];
+                m2 = vec![0.0; map.len()];
+            }
+            if map.len() != mean.len() {
+                continue;
+            }
+            n += 1.0;
+            for (i, &v) in map.iter().enumerate() {
+                let d = f64::from(v) - mean[i];
+                mean[i] += d / n;
+                m2[i] += d * (f64::from(v) - mean[i]);
+            }
+        }
+        if n < 1.0 {
+            return None;
+        }
+        let std: Vec<f32> = m2.iter().map(|&m| (m / n).sqrt() as f32).collect();
+        let std_floor = (std.iter().map(|&s| f64::from(s)).sum::<f64>() / std.len().max(1) as f64) as f32;
+        Some(ErrorStats {
+            mean: mean.into_iter().map(|m| m as f32).collect(),
+            std,
+            std_floor: std_floor.max(1e-12),
+        })
+    }
+
+    /// Rewrites a smoothed error map as `(error - mean) / (std + std_floor)`, per pixel.
+    pub fn normalize(&self, map: &mut [f32]) {
+        if map.len() != self.mean.len() {
+            return;
+        }
+        for ((v, m), s) in map.iter_mut().zip(&self.mean).zip(&self.std) {
+            *v = (*v - m) / (s + self.std_floor);
+        }
+    }
+}
+
+/// Smoothed reconstruction-error maps at model resolution (`size * size` values each) for a batch
+/// of prepared images: squared error averaged over channels, Gaussian smoothed, and, when `stats`
+/// are given, normalised by them ([`ErrorStats::normalize`]).
 pub fn anomaly_maps_at_model_size(
     network: &ConvAutoencoder,
     images: &[&PreparedImage],
     device: &Device,
+    stats: Option<&ErrorStats>,
 ) -> Vec<Vec<f32>> {
     if images.is_empty() {
         return Vec::new();
@@ -200,21 +261,40 @@ pub fn anomaly_maps_at_model_size(
     let sigma = smoothing_sigma_px(size as u32);
     values
         .chunks_exact(size * size)
-        .map(|m| gaussian_blur(m, size, size, sigma))
+        .map(|m| {
+            let mut map = gaussian_blur(m, size, size, sigma);
+            if let Some(stats) = stats {
+                stats.normalize(&mut map);
+            }
+            map
+        })
         .collect()
 }
 
-/// Anomaly scores (maximum of the smoothed map at model resolution) of prepared images, computed
-/// `batch_size` at a time. Used for validation images and threshold suggestions.
+/// Anomaly maps of prepared images computed `batch_size` at a time (see
+/// [`anomaly_maps_at_model_size`]).
+pub fn anomaly_maps_batched<'a>(
+    network: &'a ConvAutoencoder,
+    images: &'a [&'a PreparedImage],
+    batch_size: usize,
+    device: &'a Device,
+    stats: Option<&'a ErrorStats>,
+) -> impl Iterator<Item = Vec<f32>> + 'a {
+    images
+        .chunks(batch_size.max(1))
+        .flat_map(move |chunk| anomaly_maps_at_model_size(network, chunk, device, stats))
+}
+
+/// Anomaly scores (maximum of the anomaly map at model resolution) of prepared images. Used for
+/// validation images and threshold suggestions.
 pub fn image_scores(
     network: &ConvAutoencoder,
     images: &[&PreparedImage],
     batch_size: usize,
     device: &Device,
+    stats: Option<&ErrorStats>,
 ) -> Vec<f32> {
-    images
-        .chunks(batch_size.max(1))
-        .flat_map(|chunk| anomaly_maps_at_model_size(network, chunk, device))
+    anomaly_maps_batched(network, images, batch_size, device, stats)
         .map(|m| m.iter().copied().fold(f32::NEG_INFINITY, f32::max))
         .collect()
 }
@@ -339,7 +419,12 @@ impl Inspector {
             .map(|img| PreparedImage::from_decoded(img, size, self.header.mode))
             .collect();
         let refs: Vec<&PreparedImage> = prepared.iter().collect();
-        let maps = anomaly_maps_at_model_size(&self.network, &refs, &self.device);
+        let maps = anomaly_maps_at_model_size(
+            &self.network,
+            &refs,
+            &self.device,
+            self.header.error_stats.as_ref(),
+        );
         maps.into_iter()
             .zip(images)
             .map(|(small, img)| {
@@ -365,7 +450,13 @@ impl Inspector {
 
     /// Anomaly scores of prepared images (see [`image_scores`]).
     pub fn scores_of_prepared(&self, images: &[&PreparedImage], batch_size: usize) -> Vec<f32> {
-        image_scores(&self.network, images, batch_size, &self.device)
+        image_scores(
+            &self.network,
+            images,
+            batch_size,
+            &self.device,
+            self.header.error_stats.as_ref(),
+        )
     }
 
     /// Decodes and inspects files, `batch_size` at a time (decoding in parallel). Unreadable files

@@ -21,7 +21,9 @@ use crate::engine::dataset::prepare::{
     DatasetCache, DatasetSettings, PreparedImage, prepare_file, split_train_validation,
 };
 use crate::engine::device::ComputeDevice;
-use crate::engine::inference::{Thresholds, batch_tensor, image_scores, suggest_thresholds};
+use crate::engine::inference::{
+    ErrorStats, Thresholds, anomaly_maps_batched, batch_tensor, image_scores, suggest_thresholds,
+};
 use crate::engine::model::{Framework, ModelFile, ModelHeader, autoencoder_spec_for};
 
 /// Progress events are sent at most this often (terminal events always go through).
@@ -498,12 +500,27 @@ fn run(
         device: request.device.description.clone(),
         history,
     };
+    // Per-pixel error statistics of the training images; the validation images, which neither
+    // the model nor the statistics have seen, then give honest scores for the suggestion.
+    let error_stats = ErrorStats::from_maps(anomaly_maps_batched(
+        &trained,
+        &train_set,
+        settings.batch_size,
+        &device,
+        None,
+    ));
     let scoring_set = if val_set.is_empty() {
         &train_set
     } else {
         &val_set
     };
-    let scores = image_scores(&trained, scoring_set, settings.batch_size, &device);
+    let scores = image_scores(
+        &trained,
+        scoring_set,
+        settings.batch_size,
+        &device,
+        error_stats.as_ref(),
+    );
     let thresholds = suggest_thresholds(&scores).ok_or(TrainError::TooFewImages {
         found: prepared.len(),
     })?;
@@ -516,6 +533,7 @@ fn run(
             complexity: request.dataset.effective_complexity(),
             suggested_thresholds: thresholds,
             validation_scores: scores,
+            error_stats,
             training: summary.clone(),
             inkspect_version: env!("CARGO_PKG_VERSION").to_string(),
         },

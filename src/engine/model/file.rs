@@ -40,6 +40,9 @@ pub struct ModelHeader {
     pub suggested_thresholds: Thresholds,
     /// Anomaly scores of the validation good images (for threshold tools and histograms).
     pub validation_scores: Vec<f32>,
+    /// Per-pixel error statistics of the training images that anomaly maps are relative to.
+    #[serde(default)]
+    pub error_stats: Option<crate::engine::inference::ErrorStats>,
     /// How training went.
     pub training: TrainingSummary,
     /// Version of Inkspect that wrote the file.

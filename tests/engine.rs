@@ -42,6 +42,16 @@ fn import_folder(folder: &Path, cache: &DatasetCache) -> ImportReport {
     )
 }
 
+/// A tiny demo dataset in a temporary folder with its good training images imported (and the
+/// prepared-image cache filled): (folder guard, dataset root, cache, import report).
+fn imported_demo(colour: bool) -> (tempfile::TempDir, PathBuf, DatasetCache, ImportReport) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = demo(&dir.path().join("demo"), colour);
+    let cache = DatasetCache::in_dir(dir.path().join("cache"));
+    let report = import_folder(&root.join("train/good"), &cache);
+    (dir, root, cache, report)
+}
+
 fn request(
     report: &ImportReport,
     model: &Path,
@@ -98,10 +108,7 @@ fn test_scores(inspector: &Inspector, root: &Path) -> (Vec<f32>, Vec<f32>, Vec<C
 
 #[test]
 fn mono_training_separates_defects_reloads_identically_and_reports_progress() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = demo(&dir.path().join("demo"), false);
-    let cache = DatasetCache::in_dir(dir.path().join("cache"));
-    let report = import_folder(&root.join("train/good"), &cache);
+    let (dir, root, cache, report) = imported_demo(false);
     assert_eq!(report.imported.len(), DemoSpec::tiny().n_train_good);
     assert!(report.imported.iter().all(|i| i.mode == ColourMode::Mono));
     let model = dir.path().join("m.ink");
@@ -167,10 +174,7 @@ fn mono_training_separates_defects_reloads_identically_and_reports_progress() {
 
 #[test]
 fn loose_error_threshold_stops_early_and_says_so() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = demo(&dir.path().join("demo"), false);
-    let cache = DatasetCache::in_dir(dir.path().join("cache"));
-    let report = import_folder(&root.join("train/good"), &cache);
+    let (dir, _root, cache, report) = imported_demo(false);
     let model = dir.path().join("m.ink");
     let events = run_to_end(request(
         &report,
@@ -193,10 +197,7 @@ fn loose_error_threshold_stops_early_and_says_so() {
 
 #[test]
 fn cancel_stops_before_the_next_batch_and_keeps_the_previous_model() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = demo(&dir.path().join("demo"), false);
-    let cache = DatasetCache::in_dir(dir.path().join("cache"));
-    let report = import_folder(&root.join("train/good"), &cache);
+    let (dir, _root, cache, report) = imported_demo(false);
     let model = dir.path().join("m.ink");
     std::fs::write(&model, b"previous model").unwrap();
     let settings = TrainingSettings {
@@ -245,10 +246,7 @@ fn cancel_stops_before_the_next_batch_and_keeps_the_previous_model() {
 
 #[test]
 fn colour_images_train_and_inspect_in_colour() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = demo(&dir.path().join("demo"), true);
-    let cache = DatasetCache::in_dir(dir.path().join("cache"));
-    let report = import_folder(&root.join("train/good"), &cache);
+    let (dir, root, cache, report) = imported_demo(true);
     assert!(report.imported.iter().all(|i| i.mode == ColourMode::Colour));
     let model = dir.path().join("c.ink");
     let events = run_to_end(request(

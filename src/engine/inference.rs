@@ -222,7 +222,8 @@ impl ErrorStats {
             return None;
         }
         let std: Vec<f32> = m2.iter().map(|&m| (m / n).sqrt() as f32).collect();
-        let std_floor = (std.iter().map(|&s| f64::from(s)).sum::<f64>() / std.len().max(1) as f64) as f32;
+        let std_floor =
+            (std.iter().map(|&s| f64::from(s)).sum::<f64>() / std.len().max(1) as f64) as f32;
         Some(ErrorStats {
             mean: mean.into_iter().map(|m| m as f32).collect(),
             std,

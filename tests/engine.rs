@@ -336,3 +336,93 @@ fn mvtec_layout_scan_finds_roles_kinds_and_masks() {
     );
     assert!(nok.iter().all(|i| i.defect_kind.is_some()));
 }
+
+/// Runs the `inkspect` binary with a private cache folder; returns (stdout, stderr), asserting success.
+fn inkspect(args: &[&str], cache: &Path) -> (String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_inkspect"))
+        .args(args)
+        .env("INKSPECT_CACHE_DIR", cache)
+        .env("INKSPECT_DEVICE", "cpu")
+        .output()
+        .expect("the inkspect binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "inkspect {args:?} failed:\n{stderr}");
+    (stdout, stderr)
+}
+
+#[test]
+fn command_line_demo_train_infer_eval_print_the_documented_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let data = dir.path().join("data");
+    let model = dir.path().join("m.ink");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    inkspect(&["demo", &s(&data), "--size", "64"], &cache);
+    let (train_out, _) = inkspect(
+        &[
+            "train",
+            "--data",
+            &s(&data),
+            "--model",
+            &s(&model),
+            "--size",
+            "64",
+            "--epochs",
+            "3",
+        ],
+        &cache,
+    );
+    let train: serde_json::Value = serde_json::from_str(train_out.trim()).unwrap();
+    assert_eq!(train["epochs_run"], 3);
+    assert!(model.is_file());
+
+    let heatmaps = dir.path().join("heatmaps");
+    let csv = dir.path().join("r.csv");
+    let nok = data.join("test").join("particle");
+    let (infer_out, _) = inkspect(
+        &[
+            "infer",
+            "--model",
+            &s(&model),
+            &s(&nok),
+            "--heatmaps",
+            &s(&heatmaps),
+            "--csv",
+            &s(&csv),
+        ],
+        &cache,
+    );
+    let lines: Vec<serde_json::Value> = infer_out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // `inkspect demo` writes the default counts (at the size asked for).
+    assert_eq!(
+        lines.len(),
+        DemoSpec::default().n_test_nok_per_kind,
+        "{infer_out}"
+    );
+    for l in &lines {
+        assert!(l["score"].is_number() && l["image"].is_string());
+        let class = l["class"].as_str().unwrap();
+        assert_eq!(l["class_id"], if class == "nok" { 1 } else { 0 });
+        assert!(l["region"]["area_px"].is_number() && l["region"]["components"].is_array());
+    }
+    assert_eq!(std::fs::read_dir(&heatmaps).unwrap().count(), lines.len());
+    assert_eq!(
+        std::fs::read_to_string(&csv).unwrap().lines().count(),
+        lines.len() + 1
+    );
+
+    let (eval_out, _) = inkspect(
+        &["eval", "--model", &s(&model), "--data", &s(&data)],
+        &cache,
+    );
+    let eval: serde_json::Value = serde_json::from_str(eval_out.trim()).unwrap();
+    assert_eq!(eval["n_good"], DemoSpec::default().n_test_good);
+    assert_eq!(eval["n_nok"], 4 * DemoSpec::default().n_test_nok_per_kind);
+    assert!(eval["image_auroc"].is_number() && eval["pixel_auroc"].is_number());
+    assert!(eval["thresholds"]["classification"].is_number());
+    assert!(eval["confusion_matrix"]["true_nok"].is_number());
+}

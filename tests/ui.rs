@@ -98,7 +98,7 @@ fn whole_flow_by_clicking_train_evaluate_and_flip_the_verdict() {
     h.run();
     assert_eq!(h.state().project.dataset.image_size_px, 64);
     step_until(&mut h, "thumbnails", Duration::from_secs(30), |a| {
-        a.thumbnails.pending() == 0
+        a.thumbnails.pending() == 0 && a.preview.as_ref().is_some_and(|p| p.0.1 == 64)
     });
     h.state_mut().toasts.clear();
     h.remove_cursor();
@@ -268,4 +268,79 @@ fn a_project_that_cannot_be_opened_shows_an_error_naming_it() {
     h.get_by_label("OK").click();
     h.run();
     assert!(h.state().error_dialog.is_none());
+}
+
+/// Benchmark, not run by default (`cargo test --test ui -- --ignored --nocapture`): 1,000 camera-size
+/// images (1208 x 1308 px) on the dataset tab. Prints the import rate and the longest UI frame while
+/// thumbnails decode and the grid scrolls. Figures are printed, never asserted.
+#[test]
+#[ignore]
+fn bench_thousand_large_images_on_the_dataset_tab() {
+    use rayon::prelude::*;
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("big");
+    std::fs::create_dir_all(&folder).unwrap();
+    let start = Instant::now();
+    (0..1000u32).into_par_iter().for_each(|i| {
+        let img = image::GrayImage::from_fn(1208, 1308, |x, y| {
+            image::Luma([((x / 8 + y / 8 + i) % 256) as u8 ^ ((x * y + i) % 7) as u8])
+        });
+        img.save(folder.join(format!("die_{i:04}.png"))).unwrap();
+    });
+    eprintln!(
+        "wrote 1000 images of 1208x1308 in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    let mut h = harness(RecordingNotifier::default(), &dir.path().join("cache"));
+    let start = Instant::now();
+    h.state_mut().send(Command::Import {
+        paths: vec![folder],
+        role: ImageRole::TrainGood,
+    });
+    let mut max_ui_ms = 0f32;
+    let mut frames = 0u32;
+    while h.state().import.is_some() || !h.state().queue.is_empty() {
+        h.step();
+        max_ui_ms = max_ui_ms.max(h.state().last_ui_ms);
+        frames += 1;
+        std::thread::sleep(Duration::from_millis(15));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "import (decode + hash + downscale to 320 px into the cache): {:.1} images/s; longest UI frame meanwhile {max_ui_ms:.2} ms over {frames} frames",
+        1000.0 / secs
+    );
+    assert_eq!(h.state().project.counts().train_good, 1000);
+    // Scroll the grid while thumbnails decode in the background.
+    let mut max_ui_ms = 0f32;
+    let mut sum = 0f32;
+    let mut frames = 0u32;
+    let start = Instant::now();
+    h.hover_at(egui::pos2(400.0, 400.0));
+    while h.state().thumbnails.pending() > 0 || frames < 200 {
+        if frames < 300 {
+            h.event(egui::Event::MouseWheel {
+                unit: egui::MouseWheelUnit::Point,
+                delta: egui::vec2(0.0, -60.0),
+                phase: egui::TouchPhase::Move,
+                source: egui::MouseWheelSource::Wheel,
+                modifiers: egui::Modifiers::NONE,
+            });
+        }
+        h.step();
+        let ms = h.state().last_ui_ms;
+        max_ui_ms = max_ui_ms.max(ms);
+        sum += ms;
+        frames += 1;
+        std::thread::sleep(Duration::from_millis(15));
+        if start.elapsed() > Duration::from_secs(300) {
+            break;
+        }
+    }
+    eprintln!(
+        "scrolling 1000 thumbnails: mean UI frame {:.2} ms, longest {max_ui_ms:.2} ms over {frames} frames; {} thumbnails still queued after {:.1} s",
+        sum / frames as f32,
+        h.state().thumbnails.pending(),
+        start.elapsed().as_secs_f64()
+    );
 }

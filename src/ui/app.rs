@@ -262,6 +262,8 @@ pub struct InkspectApp {
     pub frames_while_training: (u32, f32, f32),
     /// Dataset-tab preview: (image index, size) it was made for, original and downscaled textures.
     pub preview: Option<((usize, u32), egui::TextureHandle, egui::TextureHandle)>,
+    /// A preview being decoded off the UI thread: its key and where the result arrives.
+    pub preview_job: Option<((usize, u32), Receiver<PreviewResult>)>,
     last_title: String,
     quitting: bool,
 }
@@ -334,6 +336,7 @@ impl InkspectApp {
             max_ui_ms_while_training: 0.0,
             frames_while_training: (0, 0.0, 0.0),
             preview: None,
+            preview_job: None,
             last_title: String::new(),
             quitting: false,
         }
@@ -1430,6 +1433,9 @@ impl eframe::App for InkspectApp {
         }
     }
 }
+
+/// A decoded preview (original, downscaled) or why the image cannot be read.
+pub type PreviewResult = Result<(egui::ColorImage, egui::ColorImage), String>;
 
 /// The viewer's overlay picture (heatmap and region outline over the image).
 pub fn overlay_image(decoded: &DecodedImage, inspection: &Inspection) -> egui::ColorImage {

@@ -76,62 +76,96 @@ fn preview(app: &mut InkspectApp, ui: &mut egui::Ui, d: &DatasetSettings) {
     };
     let size = d.effective_size_px();
     let key = (index, size);
+    let mut failed: Option<String> = None;
     if app.preview.as_ref().map(|p| p.0) != Some(key) {
-        app.preview = None;
-        if let Some(img) = app.project.images.get(index)
-            && let Ok(decoded) = decode_image(&img.path)
-        {
-            let original = ui.ctx().load_texture(
-                "preview-original",
-                color_image(&decoded),
-                egui::TextureOptions::LINEAR,
-            );
-            let small_mode = decoded.mode;
-            let planar = decoded.resize_planar(size, small_mode);
-            let n = (size * size) as usize;
-            let small = match small_mode.channels() {
-                1 => egui::ColorImage::from_gray([size as usize, size as usize], &planar),
-                _ => {
-                    let rgb: Vec<u8> = (0..n)
-                        .flat_map(|i| [planar[i], planar[n + i], planar[2 * n + i]])
-                        .collect();
-                    egui::ColorImage::from_rgb([size as usize, size as usize], &rgb)
+        match &app.preview_job {
+            Some((k, rx)) if *k == key => match rx.try_recv() {
+                Ok(Ok((original, small))) => {
+                    let original = ui.ctx().load_texture(
+                        "preview-original",
+                        original,
+                        egui::TextureOptions::LINEAR,
+                    );
+                    // Nearest filtering: the user sees the real pixels of the downscaled image.
+                    let downscaled = ui.ctx().load_texture(
+                        "preview-downscaled",
+                        small,
+                        egui::TextureOptions::NEAREST,
+                    );
+                    app.preview = Some((key, original, downscaled));
+                    app.preview_job = None;
                 }
-            };
-            // Nearest filtering: the user sees the real pixels of the downscaled image.
-            let downscaled =
-                ui.ctx()
-                    .load_texture("preview-downscaled", small, egui::TextureOptions::NEAREST);
-            app.preview = Some((key, original, downscaled));
-        }
-    }
-    match &app.preview {
-        Some((_, original, downscaled)) => {
-            let w = ((ui.available_width() - 8.0) / 2.0).max(60.0);
-            let aspect = original.size()[1] as f32 / original.size()[0] as f32;
-            ui.horizontal(|ui| {
-                ui.add(egui::Image::new((original.id(), egui::vec2(w, w * aspect))));
-                ui.add(egui::Image::new((
-                    downscaled.id(),
-                    egui::vec2(w, w * aspect),
-                )));
-            });
-            if let Some(img) = app.project.images.get(index) {
-                ui.label(format!(
-                    "{} · {} × {} px to {size} × {size} px",
-                    img.path
-                        .file_name()
-                        .map(|n| n.to_string_lossy())
-                        .unwrap_or_default(),
-                    img.width,
-                    img.height
-                ));
+                Ok(Err(e)) => failed = Some(e),
+                Err(_) => {}
+            },
+            _ => {
+                if let Some(img) = app.project.images.get(index) {
+                    app.preview_job = Some((key, spawn_preview(ui.ctx(), img.path.clone(), size)));
+                }
             }
         }
-        None => {
-            ui.label(RichText::new("This image cannot be read").color(style::WARN));
+    }
+    if app.preview.as_ref().map(|p| p.0) != Some(key) {
+        match failed {
+            Some(e) => ui.label(RichText::new(e).color(style::WARN)),
+            None => ui.label(RichText::new("Loading preview…").italics()),
+        };
+        return;
+    }
+    if let Some((_, original, downscaled)) = &app.preview {
+        let w = ((ui.available_width() - 8.0) / 2.0).max(60.0);
+        let aspect = original.size()[1] as f32 / original.size()[0] as f32;
+        ui.horizontal(|ui| {
+            ui.add(egui::Image::new((original.id(), egui::vec2(w, w * aspect))));
+            ui.add(egui::Image::new((
+                downscaled.id(),
+                egui::vec2(w, w * aspect),
+            )));
+        });
+        if let Some(img) = app.project.images.get(index) {
+            ui.label(format!(
+                "{} · {} × {} px to {size} × {size} px",
+                img.path
+                    .file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default(),
+                img.width,
+                img.height
+            ));
         }
     }
+}
+
+/// Decodes `path` and downscales it to `size` on a worker thread (large camera images take tens
+/// of milliseconds: not on the UI thread).
+fn spawn_preview(
+    ctx: &egui::Context,
+    path: std::path::PathBuf,
+    size: u32,
+) -> std::sync::mpsc::Receiver<super::app::PreviewResult> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ctx = ctx.clone();
+    std::thread::spawn(move || {
+        let result = decode_image(&path)
+            .map_err(|e| e.to_string())
+            .map(|decoded| {
+                let planar = decoded.resize_planar(size, decoded.mode);
+                let n = (size * size) as usize;
+                let small = match decoded.mode.channels() {
+                    1 => egui::ColorImage::from_gray([size as usize, size as usize], &planar),
+                    _ => {
+                        let rgb: Vec<u8> = (0..n)
+                            .flat_map(|i| [planar[i], planar[n + i], planar[2 * n + i]])
+                            .collect();
+                        egui::ColorImage::from_rgb([size as usize, size as usize], &rgb)
+                    }
+                };
+                (color_image(&decoded), small)
+            });
+        let _ = tx.send(result);
+        ctx.request_repaint();
+    });
+    rx
 }
 
 fn images(app: &mut InkspectApp, ui: &mut egui::Ui) {

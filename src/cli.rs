@@ -20,7 +20,10 @@ use crate::engine::dataset::prepare::{DatasetCache, DatasetSettings};
 use crate::engine::demo::{DemoSpec, write_demo_dataset};
 use crate::engine::device::{DevicePreference, select_device};
 use crate::engine::inference::{Class, Inspection, Inspector, Thresholds};
-use crate::engine::metrics::{ConfusionMatrix, PixelRocAccumulator, auroc};
+use crate::engine::metrics::{
+    ConfusionMatrix, PixelRocAccumulator, RocCurve, auroc, f1_best_threshold, histogram, roc_curve,
+    threshold_for_false_alarm_rate,
+};
 use crate::engine::model::Framework;
 use crate::engine::training::{
     StopReason, TrainEvent, TrainRequest, TrainingSettings, spawn_training,
@@ -574,13 +577,48 @@ fn eval(args: EvalArgs, device: DevicePreference) -> Result<()> {
             "thresholds": thresholds,
             "confusion_matrix": confusion,
             "f1": confusion.f1(),
+            "precision": confusion.precision(),
+            "recall": confusion.recall(),
             "accuracy": confusion.accuracy(),
+            "false_alarm_rate": confusion.false_alarm_rate(),
+            "escape_rate": confusion.escape_rate(),
+            "f1_best": f1_best_threshold(&good_scores, &nok_scores)
+                .map(|(threshold, f1)| json!({"threshold": threshold, "f1": f1})),
+            "threshold_for_1pct_false_alarms": threshold_for_false_alarm_rate(&good_scores, 0.01),
+            "score_histogram": score_histogram(&good_scores, &nok_scores, thresholds.classification),
+            "roc_curve": roc_curve(&good_scores, &nok_scores).map(|c| roc_points(&c, 200)),
             "flagged_nok_per_kind": per_kind.iter().map(|(k, (n, f))| (k.clone(), json!({"images": n, "flagged_nok": f}))).collect::<serde_json::Map<_, _>>(),
             "ms_per_image": 1000.0 * secs / n.max(1) as f64,
             "device": compute.description,
         })
     );
     Ok(())
+}
+
+/// Score histograms of good and nok test images over one shared range (30 bins).
+fn score_histogram(good: &[f32], nok: &[f32], threshold: f32) -> serde_json::Value {
+    let hi = good.iter().chain(nok).copied().fold(threshold, f32::max) * 1.05;
+    let lo = good.iter().chain(nok).copied().fold(0.0f32, f32::min);
+    json!({
+        "lo": lo,
+        "hi": hi,
+        "good": histogram(good, lo, hi, 30).counts,
+        "nok": histogram(nok, lo, hi, 30).counts,
+    })
+}
+
+/// The ROC curve as `[false-alarm rate, detection rate, threshold]` rows, thinned to at most
+/// `max_points` (always keeping both ends); the infinite first threshold is written as null.
+fn roc_points(curve: &RocCurve, max_points: usize) -> Vec<serde_json::Value> {
+    let n = curve.points.len();
+    let step = n.div_ceil(max_points.max(2)).max(1);
+    curve
+        .points
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % step == 0 || *i + 1 == n)
+        .map(|(_, p)| json!([p.fpr, p.tpr, p.threshold.is_finite().then_some(p.threshold)]))
+        .collect()
 }
 
 /// Upper end of the pixel-AUROC histogram: anomaly values above it share the last bin. Chosen far

@@ -425,4 +425,23 @@ fn command_line_demo_train_infer_eval_print_the_documented_fields() {
     assert!(eval["image_auroc"].is_number() && eval["pixel_auroc"].is_number());
     assert!(eval["thresholds"]["classification"].is_number());
     assert!(eval["confusion_matrix"]["true_nok"].is_number());
+    let roc = eval["roc_curve"].as_array().unwrap();
+    assert_eq!(roc.first().unwrap()[0], 0.0);
+    assert_eq!(roc.last().unwrap()[1], 1.0);
+    let hist = &eval["score_histogram"];
+    let total: u64 = ["good", "nok"]
+        .iter()
+        .flat_map(|k| {
+            hist[k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+        })
+        .sum();
+    assert_eq!(
+        total,
+        4 * DemoSpec::default().n_test_nok_per_kind as u64 + DemoSpec::default().n_test_good as u64
+    );
+    assert!(eval["f1_best"]["f1"].is_number());
 }

@@ -9,7 +9,7 @@ use super::app::{Command, InkspectApp};
 use super::style;
 use crate::engine::dataset::import::ImageRole;
 use crate::engine::inference::{Class, Thresholds, classify};
-use crate::engine::metrics::{ConfusionMatrix, f1_best_threshold};
+use crate::engine::metrics::{ConfusionMatrix, f1_best_threshold, threshold_for_false_alarm_rate};
 
 /// Label of the classification-threshold slider (tests find it by this name).
 pub const CLASSIFICATION_SLIDER: &str = "Classification threshold";
@@ -216,6 +216,18 @@ fn results(app: &mut InkspectApp, ui: &mut egui::Ui) {
                 .clicked()
         {
             app.send(Command::SetThresholds(Thresholds { classification: best, ..t }));
+        }
+        if let Some(r) = threshold_for_false_alarm_rate(&good, 0.01)
+            && ui
+                .button("≤1 % false alarms")
+                .on_hover_text(format!(
+                    "The lowest classification threshold that flags at most 1 % of the good test images                      (estimated from {} good images{})",
+                    r.n_images,
+                    if r.n_images < 100 { "; with fewer than 100 the estimate is rough" } else { "" }
+                ))
+                .clicked()
+        {
+            app.send(Command::SetThresholds(Thresholds { classification: r.threshold, ..t }));
         }
     });
     ui.separator();

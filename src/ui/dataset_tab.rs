@@ -148,20 +148,7 @@ fn spawn_preview(
     std::thread::spawn(move || {
         let result = decode_image(&path)
             .map_err(|e| e.to_string())
-            .map(|decoded| {
-                let planar = decoded.resize_planar(size, decoded.mode);
-                let n = (size * size) as usize;
-                let small = match decoded.mode.channels() {
-                    1 => egui::ColorImage::from_gray([size as usize, size as usize], &planar),
-                    _ => {
-                        let rgb: Vec<u8> = (0..n)
-                            .flat_map(|i| [planar[i], planar[n + i], planar[2 * n + i]])
-                            .collect();
-                        egui::ColorImage::from_rgb([size as usize, size as usize], &rgb)
-                    }
-                };
-                (color_image(&decoded), small)
-            });
+            .map(|decoded| (color_image(&decoded), color_image(&decoded.resized(size))));
         let _ = tx.send(result);
         ctx.request_repaint();
     });

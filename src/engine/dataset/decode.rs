@@ -255,27 +255,43 @@ impl DecodedImage {
     /// `[channels, size, size]`, as the model consumes them. The aspect ratio is not kept: the whole
     /// image is stretched to the square, and anomaly maps are stretched back the same way.
     pub fn resize_planar(&self, size: u32, mode: ColourMode) -> Vec<u8> {
-        let img = self.to_mode(mode);
-        let filter = image::imageops::FilterType::Triangle;
-        let n = (size * size) as usize;
+        let small = self.to_mode(mode).resized(size);
         match mode {
-            ColourMode::Mono => {
-                let buf = image::GrayImage::from_raw(img.width, img.height, img.pixels)
-                    .expect("pixel buffer length matches the dimensions");
-                image::imageops::resize(&buf, size, size, filter).into_raw()
-            }
+            ColourMode::Mono => small.pixels,
             ColourMode::Colour => {
-                let buf = image::RgbImage::from_raw(img.width, img.height, img.pixels)
-                    .expect("pixel buffer length matches the dimensions");
-                let small = image::imageops::resize(&buf, size, size, filter).into_raw();
+                let n = (size * size) as usize;
                 let mut planar = vec![0u8; 3 * n];
-                for (i, p) in small.chunks_exact(3).enumerate() {
+                for (i, p) in small.pixels.chunks_exact(3).enumerate() {
                     planar[i] = p[0];
                     planar[n + i] = p[1];
                     planar[2 * n + i] = p[2];
                 }
                 planar
             }
+        }
+    }
+
+    /// This image resized to `size x size` pixels (aspect ratio not kept, triangle filter), in
+    /// its own mode, interleaved. The same resampling the model's input gets.
+    pub fn resized(&self, size: u32) -> DecodedImage {
+        let filter = image::imageops::FilterType::Triangle;
+        let pixels = match self.mode {
+            ColourMode::Mono => {
+                let buf = image::GrayImage::from_raw(self.width, self.height, self.pixels.clone())
+                    .expect("pixel buffer length matches the dimensions");
+                image::imageops::resize(&buf, size, size, filter).into_raw()
+            }
+            ColourMode::Colour => {
+                let buf = image::RgbImage::from_raw(self.width, self.height, self.pixels.clone())
+                    .expect("pixel buffer length matches the dimensions");
+                image::imageops::resize(&buf, size, size, filter).into_raw()
+            }
+        };
+        DecodedImage {
+            width: size,
+            height: size,
+            pixels,
+            ..*self
         }
     }
 

@@ -111,8 +111,10 @@ fn whole_flow_by_clicking_train_evaluate_and_flip_the_verdict() {
     h.get_by_label("Epochs").set_value_accesskit(25.0);
     h.run();
     assert_eq!(h.state().project.training.max_epochs, 25);
+    // One frame delivers the click (the button queues the command), the next applies it.
     h.get_by_role_and_label(Role::Button, "Train").click();
-    h.run();
+    h.step();
+    h.step();
     assert!(
         h.state().is_training(),
         "Train starts a background training"
@@ -157,8 +159,9 @@ fn whole_flow_by_clicking_train_evaluate_and_flip_the_verdict() {
 
     h.get_by_label("3  Evaluation").click();
     h.run();
+    // `step`, not `run`: once scoring runs, frames keep coming and `run` may not settle.
     h.get_by_label("Run model").click();
-    h.run();
+    h.step();
     step_until(&mut h, "scoring", Duration::from_secs(120), |a| {
         a.evaluation.scoring.is_none() && a.queue.is_empty()
     });

@@ -25,8 +25,9 @@ use crate::engine::metrics::{
     threshold_for_false_alarm_rate,
 };
 use crate::engine::model::Framework;
+use crate::engine::project::Project;
 use crate::engine::training::{
-    StopReason, TrainEvent, TrainRequest, TrainingSettings, spawn_training,
+    StopReason, TrainEvent, TrainRequest, TrainingSettings, TrainingSummary, spawn_training,
 };
 use crate::engine::visual::overlay;
 
@@ -60,36 +61,64 @@ pub enum Command {
     },
 }
 
-/// Arguments of `inkspect train`.
+/// Arguments of `inkspect train`. Settings not given come from the project (with `--project`)
+/// or the defaults.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     /// Folder (searched recursively) of good images, or an MVTec-layout category folder.
+    #[arg(long, required_unless_present = "project", conflicts_with = "project")]
+    pub data: Option<PathBuf>,
+    /// Train a project (.inkspect) on its good training images and record the model in it.
     #[arg(long)]
-    pub data: PathBuf,
-    /// Model file to write (.ink).
+    pub project: Option<PathBuf>,
+    /// Model file to write (.ink); with `--project` defaults to the project's model.
+    #[arg(long, required_unless_present = "project")]
+    pub model: Option<PathBuf>,
+    /// Continue the interrupted training whose checkpoint (`<model>.checkpoint`) is beside the
+    /// model file.
     #[arg(long)]
-    pub model: PathBuf,
-    /// Training image size in pixels (square side, rounded to a multiple of 16).
-    #[arg(long, default_value_t = DatasetSettings::default().image_size_px)]
-    pub size: u32,
-    /// Complexity index 1-100 (model capacity).
-    #[arg(long, default_value_t = DatasetSettings::default().complexity)]
-    pub complexity: u32,
-    /// Maximum number of epochs.
-    #[arg(long, default_value_t = TrainingSettings::default().max_epochs)]
-    pub epochs: u32,
-    /// Stop at the first epoch whose validation error is at or below this (0 = never).
-    #[arg(long, default_value_t = TrainingSettings::default().error_threshold)]
-    pub error_threshold: f64,
-    /// Adam learning rate.
-    #[arg(long, default_value_t = TrainingSettings::default().learning_rate)]
-    pub learning_rate: f64,
-    /// Images per step.
-    #[arg(long, default_value_t = TrainingSettings::default().batch_size)]
-    pub batch_size: usize,
-    /// Random seed.
-    #[arg(long, default_value_t = TrainingSettings::default().seed)]
-    pub seed: u64,
+    pub resume: bool,
+    /// Training image size in pixels (square side, rounded to a multiple of 16) [default: 320].
+    #[arg(long)]
+    pub size: Option<u32>,
+    /// Complexity index 1-100 (model capacity) [default: 20].
+    #[arg(long)]
+    pub complexity: Option<u32>,
+    /// Maximum number of epochs [default: 10].
+    #[arg(long)]
+    pub epochs: Option<u32>,
+    /// Stop at the first epoch whose validation error is at or below this (0 = never) [default: 0].
+    #[arg(long)]
+    pub error_threshold: Option<f64>,
+    /// Adam learning rate [default: 0.002].
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    /// Images per step [default: 8].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Random seed [default: 42].
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl TrainArgs {
+    /// The settings to train with: flags given on the command line override `base`.
+    fn settings(&self, base: (DatasetSettings, TrainingSettings)) -> (DatasetSettings, TrainingSettings) {
+        let (d, t) = base;
+        (
+            DatasetSettings {
+                image_size_px: self.size.unwrap_or(d.image_size_px),
+                complexity: self.complexity.unwrap_or(d.complexity),
+            },
+            TrainingSettings {
+                max_epochs: self.epochs.unwrap_or(t.max_epochs),
+                error_threshold: self.error_threshold.unwrap_or(t.error_threshold),
+                learning_rate: self.learning_rate.unwrap_or(t.learning_rate),
+                batch_size: self.batch_size.unwrap_or(t.batch_size),
+                seed: self.seed.unwrap_or(t.seed),
+            },
+        )
+    }
 }
 
 /// Arguments of `inkspect infer`.
@@ -177,10 +206,13 @@ fn bar(total: u64, what: &str) -> ProgressBar {
 }
 
 fn train(args: TrainArgs, device: DevicePreference) -> Result<()> {
-    let folder = if is_mvtec_layout(&args.data) {
-        args.data.join("train").join("good")
+    let Some(data) = &args.data else {
+        return train_project(args, device);
+    };
+    let folder = if is_mvtec_layout(data) {
+        data.join("train").join("good")
     } else {
-        args.data.clone()
+        data.clone()
     };
     let (files, failures) = collect_image_files(std::slice::from_ref(&folder));
     for f in &failures {
@@ -192,10 +224,7 @@ fn train(args: TrainArgs, device: DevicePreference) -> Result<()> {
             folder.display()
         );
     }
-    let dataset = DatasetSettings {
-        image_size_px: args.size,
-        complexity: args.complexity,
-    };
+    let (dataset, training) = args.settings(Default::default());
     let cache = DatasetCache::default();
     let pb = bar(files.len() as u64, "importing");
     // Importing decodes every file once; it also fills the prepared-image cache so that training
@@ -221,29 +250,66 @@ fn train(args: TrainArgs, device: DevicePreference) -> Result<()> {
         );
     }
     let compute = select_device(device);
-    eprintln!(
-        "{} good images, size {} px, complexity {}, device: {}",
-        report.imported.len(),
-        dataset.effective_size_px(),
-        dataset.effective_complexity(),
-        compute.description
-    );
     let request = TrainRequest {
         framework: Framework::ConvAutoencoder,
         images: report.imported,
         dataset,
-        training: TrainingSettings {
-            max_epochs: args.epochs,
-            error_threshold: args.error_threshold,
-            learning_rate: args.learning_rate,
-            batch_size: args.batch_size,
-            seed: args.seed,
-        },
-        model_path: args.model.clone(),
+        training,
+        model_path: args.model.clone().expect("clap requires --model without --project"),
         cache,
         device: compute,
+        resume: args.resume,
+        memory_budget_bytes: None,
     };
-    // Ctrl-C ends the process; the model file is written atomically, so it is never half-written.
+    run_training(request).map(|_| ())
+}
+
+/// `inkspect train --project`: trains on the project's good training images with its settings
+/// (flags override them) and records the model in the project file.
+fn train_project(args: TrainArgs, device: DevicePreference) -> Result<()> {
+    let project_path = args.project.clone().expect("clap requires --data or --project");
+    let project = Project::load(&project_path)?;
+    let (dataset, training) = args.settings((project.dataset, project.training));
+    let model_path = args
+        .model
+        .clone()
+        .unwrap_or_else(|| project.model_path_or_default(&project_path));
+    let images: Vec<_> = project
+        .images_with_role(ImageRole::TrainGood)
+        .cloned()
+        .collect();
+    let request = TrainRequest {
+        framework: project.framework,
+        images,
+        dataset,
+        training,
+        model_path: model_path.clone(),
+        cache: DatasetCache::default(),
+        device: select_device(device),
+        resume: args.resume,
+        memory_budget_bytes: None,
+    };
+    run_training(request)?;
+    // Re-read the project so that edits saved while training ran are kept.
+    let mut project = Project::load(&project_path)?;
+    project.model_path = Some(model_path);
+    project.save(&project_path)?;
+    eprintln!("project updated: {}", project_path.display());
+    Ok(())
+}
+
+/// Runs a training with progress on the terminal and its summary as JSON on standard output.
+fn run_training(request: TrainRequest) -> Result<TrainingSummary> {
+    eprintln!(
+        "{} good images, size {} px, complexity {}, device: {}{}",
+        request.images.len(),
+        request.dataset.effective_size_px(),
+        request.dataset.effective_complexity(),
+        request.device.description,
+        if request.resume { ", resuming" } else { "" }
+    );
+    // Ctrl-C or kill ends the process; model and checkpoint files are written atomically, so
+    // neither is ever half-written, and `--resume` continues from the last finished epoch.
     let handle = spawn_training(request);
     let mut pb: Option<ProgressBar> = None;
     for event in handle.events.iter() {
@@ -341,11 +407,15 @@ fn train(args: TrainArgs, device: DevicePreference) -> Result<()> {
             TrainEvent::Cancelled { epochs_done } => {
                 eprintln!("cancelled after {epochs_done} epochs; no model written")
             }
-            TrainEvent::Failed { message } => eprintln!("error: {message}"),
+            TrainEvent::Failed { .. } => {
+                if let Some(p) = pb.take() {
+                    p.finish_and_clear();
+                }
+            }
         }
     }
     match handle.thread.join() {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(summary)) => Ok(summary),
         Ok(Err(e)) => Err(e.into()),
         Err(_) => bail!("the training thread crashed"),
     }

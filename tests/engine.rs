@@ -69,6 +69,8 @@ fn request(
         model_path: model.to_path_buf(),
         cache: cache.clone(),
         device: cpu_device(),
+        resume: false,
+        memory_budget_bytes: None,
     }
 }
 

@@ -96,7 +96,7 @@ fn train_in_app(dir: &Path, name: &str) -> Harness<'static, InkspectApp> {
     t.max_epochs = 2;
     h.state_mut().send(Command::SetDataset(d));
     h.state_mut().send(Command::SetTraining(t));
-    h.state_mut().send(Command::StartTraining);
+    h.state_mut().send(Command::StartTraining { resume: false });
     h.step();
     while h.state().is_training() {
         assert!(

@@ -215,10 +215,33 @@ impl Project {
             .collect()
     }
 
+    /// The model file of this project saved at `project_file`: the recorded one, else
+    /// `<project folder>/<name>.ink`.
+    pub fn model_path_or_default(&self, project_file: &Path) -> PathBuf {
+        self.model_path.clone().unwrap_or_else(|| {
+            project_file.with_file_name(format!("{}.{MODEL_EXTENSION}", file_stem_for(&self.name)))
+        })
+    }
+
     /// Colour mode training would use.
     pub fn training_mode(&self) -> ColourMode {
         ColourMode::for_dataset(self.images_with_role(ImageRole::TrainGood).map(|i| i.mode))
     }
+}
+
+/// `name` made safe as a file name stem (letters, digits, `-` and `_`; others become `_`).
+pub fn file_stem_for(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if s.is_empty() { "project".into() } else { s }
 }
 
 fn folder_of(path: &Path) -> PathBuf {

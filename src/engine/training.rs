@@ -24,7 +24,10 @@ use crate::engine::device::ComputeDevice;
 use crate::engine::inference::{
     ErrorStats, Thresholds, anomaly_maps_batched, batch_tensor, image_scores, suggest_thresholds,
 };
-use crate::engine::model::{Framework, ModelFile, ModelHeader, autoencoder_spec_for};
+use crate::engine::model::{
+    AutoencoderSpec, Checkpoint, CheckpointHeader, Framework, ModelFile, ModelHeader,
+    autoencoder_spec_for, checkpoint_path, dataset_fingerprint,
+};
 
 /// Progress events are sent at most this often (terminal events always go through).
 pub const EVENT_INTERVAL: Duration = Duration::from_millis(250);
@@ -209,6 +212,10 @@ pub struct TrainRequest {
     pub cache: DatasetCache,
     /// Where to compute.
     pub device: ComputeDevice,
+    /// Continue from the checkpoint beside `model_path` instead of starting afresh.
+    pub resume: bool,
+    /// Memory the run may use, bytes; `None` means what the system reports as available.
+    pub memory_budget_bytes: Option<u64>,
 }
 
 /// Why training could not produce a model.
@@ -242,7 +249,54 @@ pub enum TrainError {
         /// Epochs completed.
         epochs_done: u32,
     },
+    /// Another training is writing the same model.
+    #[error(
+        "another training is already running for {}; wait for it to end or cancel it",
+        model_path.display()
+    )]
+    Busy {
+        /// The model both would write.
+        model_path: PathBuf,
+    },
+    /// The run would not fit in memory.
+    #[error(
+        "training would need about {:.1} GiB of memory but {:.1} GiB is available; lower the image size, the complexity or the batch size",
+        *needed_bytes as f64 / GIB, *available_bytes as f64 / GIB
+    )]
+    NotEnoughMemory {
+        /// Estimated need, bytes.
+        needed_bytes: u64,
+        /// Memory available, bytes.
+        available_bytes: u64,
+    },
+    /// Resume was asked for but there is nothing to resume.
+    #[error("no checkpoint to resume from: {} does not exist", path.display())]
+    NoCheckpoint {
+        /// Where the checkpoint would be.
+        path: PathBuf,
+    },
+    /// The checkpoint belongs to other images or another network shape.
+    #[error("cannot resume from {}: {reason}; start a new training instead", path.display())]
+    CheckpointMismatch {
+        /// The checkpoint.
+        path: PathBuf,
+        /// What differs.
+        reason: String,
+    },
+    /// Reading or writing the checkpoint failed.
+    #[error("checkpoint: {0}")]
+    Checkpoint(crate::engine::model::ModelFileError),
+    /// Creating the training lock failed.
+    #[error("{}: cannot create the training lock: {source}", path.display())]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// The operating system's reason.
+        source: std::io::Error,
+    },
 }
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
 /// A training running on a worker thread.
 pub struct TrainingHandle {
@@ -338,8 +392,24 @@ fn run(
             "learning rate must be positive".into(),
         ));
     }
+    let _lock = TrainingLock::acquire(&request.model_path)?;
     let size = request.dataset.effective_size_px();
     let mode = ColourMode::for_dataset(request.images.iter().map(|i| i.mode));
+    let spec = autoencoder_spec_for(request.dataset.effective_complexity(), mode.channels());
+    let estimate = estimate_training_memory(
+        &spec,
+        size,
+        settings.batch_size.min(request.images.len().max(1)),
+        request.images.len(),
+    );
+    if let Some(available_bytes) = request.memory_budget_bytes.or_else(available_memory_bytes)
+        && estimate.total_bytes > available_bytes
+    {
+        return Err(TrainError::NotEnoughMemory {
+            needed_bytes: estimate.total_bytes,
+            available_bytes,
+        });
+    }
 
     // Prepare (cache hits cost a file read; misses decode and downscale).
     let prepare_start = Instant::now();
@@ -391,14 +461,48 @@ fn run(
     let train_set: Vec<&PreparedImage> = split.train.iter().map(|&i| &prepared[i].1).collect();
     let val_set: Vec<&PreparedImage> = split.validation.iter().map(|&i| &prepared[i].1).collect();
 
-    let spec = autoencoder_spec_for(request.dataset.effective_complexity(), mode.channels());
+    let fingerprint = dataset_fingerprint(keys.iter().map(String::as_str));
     let device = request.device.device.clone();
     let ad_device = device.clone().autodiff();
     device.seed(settings.seed);
     ad_device.seed(settings.seed);
-    let mut network = spec.init(&ad_device);
+    let ckpt_path = checkpoint_path(&request.model_path);
     let mut optimizer = AdamConfig::new().init();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(settings.seed);
+    let mut history: Vec<EpochReport> = Vec::new();
+    let mut network = if request.resume {
+        if !ckpt_path.is_file() {
+            return Err(TrainError::NoCheckpoint { path: ckpt_path });
+        }
+        let ckpt = Checkpoint::load(&ckpt_path, &ad_device).map_err(TrainError::Checkpoint)?;
+        let h = &ckpt.header;
+        let mismatch = if h.framework != request.framework || h.autoencoder != spec {
+            Some("the network shape (framework or complexity) changed".to_string())
+        } else if h.mode != mode || h.image_size_px != size {
+            Some(format!(
+                "the image size or colour mode changed ({} px {:?} then, {size} px {mode:?} now)",
+                h.image_size_px, h.mode
+            ))
+        } else if h.dataset_fingerprint != fingerprint {
+            Some("the training images changed".to_string())
+        } else {
+            None
+        };
+        if let Some(reason) = mismatch {
+            return Err(TrainError::CheckpointMismatch {
+                path: ckpt_path,
+                reason,
+            });
+        }
+        optimizer = ckpt
+            .restore_optimizer(optimizer, &ckpt_path)
+            .map_err(TrainError::Checkpoint)?;
+        history = ckpt.header.history;
+        ckpt.network
+    } else {
+        spec.init(&ad_device)
+    };
+    let first_epoch = history.len() as u32 + 1;
+    let secs_before = history.last().map_or(0.0, |r| r.elapsed_secs);
 
     sink.always(TrainEvent::Started {
         n_train: train_set.len(),
@@ -410,11 +514,14 @@ fn run(
 
     let batches = train_set.len().div_ceil(settings.batch_size);
     let train_start = Instant::now();
-    let mut history: Vec<EpochReport> = Vec::new();
     let mut stop_reason = StopReason::MaxEpochs;
-    let mut order: Vec<usize> = (0..train_set.len()).collect();
     let mut images_done_total = 0usize;
-    for epoch in 1..=settings.max_epochs {
+    let images_planned = settings.max_epochs.saturating_sub(first_epoch - 1) as usize * train_set.len();
+    for epoch in first_epoch..=settings.max_epochs {
+        // Seeded per epoch, so a resumed run shuffles as the uninterrupted one would have.
+        let mut rng =
+            rand_chacha::ChaCha8Rng::seed_from_u64(settings.seed.wrapping_add(u64::from(epoch)));
+        let mut order: Vec<usize> = (0..train_set.len()).collect();
         order.shuffle(&mut rng);
         let epoch_start = Instant::now();
         let mut loss_sum = 0.0f64;
@@ -443,8 +550,7 @@ fn run(
             images_done_total += batch.len();
             let elapsed = train_start.elapsed().as_secs_f64();
             let rate = images_done_total as f64 / elapsed.max(1e-9);
-            let remaining = (settings.max_epochs as usize * train_set.len())
-                .saturating_sub(images_done_total) as f64;
+            let remaining = images_planned.saturating_sub(images_done_total) as f64;
             sink.throttled(TrainEvent::Batch {
                 epoch,
                 batch: b + 1,
@@ -466,25 +572,47 @@ fn run(
                 learning_rate: settings.learning_rate,
             });
         }
-        let elapsed_secs = train_start.elapsed().as_secs_f64();
-        let per_epoch = elapsed_secs / f64::from(epoch);
+        let run_secs = train_start.elapsed().as_secs_f64();
+        let per_epoch = run_secs / f64::from(epoch - first_epoch + 1);
         let report = EpochReport {
             epoch,
             max_epochs: settings.max_epochs,
             train_loss,
             validation_loss,
             images_per_sec: images_done as f64 / epoch_start.elapsed().as_secs_f64().max(1e-9),
-            elapsed_secs,
+            elapsed_secs: secs_before + run_secs,
             eta_secs: per_epoch * f64::from(settings.max_epochs - epoch),
         };
         history.push(report);
+        let header = CheckpointHeader {
+            framework: request.framework,
+            autoencoder: spec.clone(),
+            mode,
+            image_size_px: size,
+            complexity: request.dataset.effective_complexity(),
+            dataset_fingerprint: fingerprint.clone(),
+            settings,
+            epochs_done: epoch,
+            history: history.clone(),
+            prepare_secs,
+            inkspect_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        Checkpoint::capture(header, &network, &optimizer)
+            .map_err(|reason| {
+                TrainError::Checkpoint(crate::engine::model::ModelFileError::Corrupt {
+                    path: ckpt_path.clone(),
+                    reason,
+                })
+            })?
+            .save(&ckpt_path)
+            .map_err(TrainError::Checkpoint)?;
         sink.always(TrainEvent::Epoch(report));
         if settings.error_threshold > 0.0 && validation_loss <= settings.error_threshold {
             stop_reason = StopReason::ErrorThreshold;
             break;
         }
     }
-    let train_secs = train_start.elapsed().as_secs_f64();
+    let train_secs = secs_before + train_start.elapsed().as_secs_f64();
 
     // Validation scores give the suggested thresholds (training images when there is no
     // validation set, which makes the suggestion optimistic).
@@ -545,6 +673,12 @@ fn run(
         });
     }
     model.save(&request.model_path)?;
+    // The model holds everything now; a checkpoint left behind would only invite a stale resume.
+    if let Err(e) = std::fs::remove_file(&ckpt_path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        log::warn!("{}: cannot remove the checkpoint: {e}", ckpt_path.display());
+    }
     sink.always(TrainEvent::Finished {
         summary: summary.clone(),
         model_path: request.model_path.clone(),
@@ -568,4 +702,116 @@ fn mean_squared_error(
         sum += mse * chunk.len() as f64;
     }
     sum / images.len().max(1) as f64
+}
+
+/// Holds the lock file `<model>.lock` while a training writes that model, so that two trainings
+/// (two app windows, the app and the command line) never write the same model at once. The
+/// operating system releases the lock when the process ends, even on `kill -9`.
+struct TrainingLock {
+    path: PathBuf,
+    _file: std::fs::File,
+}
+
+impl TrainingLock {
+    fn acquire(model_path: &std::path::Path) -> Result<TrainingLock, TrainError> {
+        let mut path = model_path.as_os_str().to_owned();
+        path.push(".lock");
+        let path = PathBuf::from(path);
+        let io = |source| TrainError::Lock {
+            path: path.clone(),
+            source,
+        };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => Ok(TrainingLock { path, _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(TrainError::Busy {
+                model_path: model_path.to_path_buf(),
+            }),
+            Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+        }
+    }
+}
+
+impl Drop for TrainingLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Estimated memory of a training run, bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryEstimate {
+    /// Downscaled images held in memory.
+    pub images_bytes: u64,
+    /// Weights, gradients and the optimiser's two moments.
+    pub parameters_bytes: u64,
+    /// Activations kept for the backward pass, their gradients and the largest convolution
+    /// work buffer, for one batch.
+    pub activations_bytes: u64,
+    /// Everything, plus a fixed allowance for the program itself.
+    pub total_bytes: u64,
+}
+
+/// Fixed allowance for the program, its libraries and thread stacks, bytes.
+const BASE_MEMORY_BYTES: u64 = 200 * 1024 * 1024;
+
+/// Estimates the memory a training of `spec` on `n_images` images of `size_px` needs with
+/// batches of `batch` images (see [`MemoryEstimate`]). Checked against the available memory
+/// before a run starts; measured peaks are in the README.
+pub fn estimate_training_memory(
+    spec: &AutoencoderSpec,
+    size_px: u32,
+    batch: usize,
+    n_images: usize,
+) -> MemoryEstimate {
+    let side = |level: usize| (size_px as u64 >> level).max(1);
+    let area = |level: usize| side(level) * side(level);
+    let levels = spec.widths.len();
+    let deepest = *spec.widths.last().unwrap_or(&spec.channels) as u64;
+    // Float counts per image: every layer's output, and the im2col/col2im buffer of each 4x4
+    // convolution (input channels x 16 x output positions for the encoder, output channels x 16
+    // x input positions for the transposed decoder).
+    let mut outputs = 0u64;
+    let mut largest_work = 0u64;
+    let mut c_in = spec.channels as u64;
+    for (i, &w) in spec.widths.iter().enumerate() {
+        outputs += w as u64 * area(i + 1);
+        largest_work = largest_work.max(c_in * 16 * area(i + 1));
+        c_in = w as u64;
+    }
+    outputs += (spec.latent_channels as u64 + deepest) * area(levels);
+    let mut decoder_outs: Vec<u64> = spec.widths.iter().rev().skip(1).map(|&w| w as u64).collect();
+    decoder_outs.push(spec.channels as u64);
+    for (j, &c_out) in decoder_outs.iter().enumerate() {
+        let out_level = levels - 1 - j;
+        outputs += c_out * area(out_level);
+        largest_work = largest_work.max(c_out.max(c_in) * 16 * area(out_level + 1) * 4);
+        c_in = c_out;
+    }
+    // Kept for backward (inputs and activation inputs) plus their gradients: about 4 copies.
+    let activations_bytes = batch as u64 * (outputs * 4 + largest_work * 2) * 4;
+    let parameters_bytes = spec.parameter_count() as u64 * 4 * 4;
+    let images_bytes = n_images as u64 * area(0) * spec.channels as u64;
+    MemoryEstimate {
+        images_bytes,
+        parameters_bytes,
+        activations_bytes,
+        total_bytes: BASE_MEMORY_BYTES + images_bytes + parameters_bytes + activations_bytes,
+    }
+}
+
+/// Memory the system reports as available (Linux `MemAvailable`), bytes; `None` elsewhere.
+pub fn available_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }

@@ -21,8 +21,8 @@ use crate::engine::dataset::import::{
 use crate::engine::dataset::prepare::{DatasetCache, DatasetSettings};
 use crate::engine::device::{ComputeDevice, DevicePreference, select_device};
 use crate::engine::inference::{Inspection, Inspector, Thresholds};
-use crate::engine::model::{Framework, ModelFile};
-use crate::engine::project::{MODEL_EXTENSION, Project};
+use crate::engine::model::{Checkpoint, CheckpointHeader, Framework, ModelFile, checkpoint_path};
+use crate::engine::project::{MODEL_EXTENSION, Project, file_stem_for};
 use crate::engine::training::{
     EpochReport, StopReason, TrainEvent, TrainRequest, TrainingHandle, TrainingSettings,
     TrainingSummary, spawn_training,
@@ -68,8 +68,13 @@ pub enum Command {
     SetDataset(DatasetSettings),
     /// Change epochs, error threshold and optimiser settings.
     SetTraining(TrainingSettings),
-    /// Start training in the background.
-    StartTraining,
+    /// Start training in the background (`resume`: continue from the checkpoint).
+    StartTraining {
+        /// Continue the interrupted training instead of starting afresh.
+        resume: bool,
+    },
+    /// Open the backup (`.bak`) of a project file that could not be read, in its place.
+    OpenBackup(PathBuf),
     /// Cancel the running training.
     CancelTraining,
     /// Score every test image with the trained model.
@@ -252,8 +257,10 @@ pub struct InkspectApp {
     pub confirm_new: bool,
     /// Dropped files waiting for a role.
     pub pending_drop: Option<PendingDrop>,
-    /// Errors to show in a dialog (e.g. a project that cannot be opened).
-    pub error_dialog: Option<String>,
+    /// Error to show in a dialog (e.g. a project that cannot be opened).
+    pub error_dialog: Option<ErrorDialog>,
+    /// The checkpoint of an interrupted training of this project's model, if one exists.
+    pub checkpoint: Option<CheckpointHeader>,
     /// Duration of the last `ui` call, milliseconds.
     pub last_ui_ms: f32,
     /// Longest `ui` call while a training ran, milliseconds.
@@ -332,6 +339,7 @@ impl InkspectApp {
             confirm_new: false,
             pending_drop: None,
             error_dialog: None,
+            checkpoint: None,
             last_ui_ms: 0.0,
             max_ui_ms_while_training: 0.0,
             frames_while_training: (0, 0.0, 0.0),
@@ -386,12 +394,12 @@ impl InkspectApp {
 
     /// Where a new model for this project is written.
     pub fn default_model_path(&self) -> PathBuf {
-        if let Some(p) = &self.project.model_path {
-            return p.clone();
-        }
-        let stem = sanitize(&self.project.name);
+        let stem = file_stem_for(&self.project.name);
         match &self.project_path {
-            Some(p) => p.with_file_name(format!("{stem}.{MODEL_EXTENSION}")),
+            Some(p) => self.project.model_path_or_default(p),
+            None if self.project.model_path.is_some() => {
+                self.project.model_path.clone().unwrap_or_default()
+            }
             None => data_dir()
                 .unwrap_or_else(std::env::temp_dir)
                 .join("models")
@@ -453,16 +461,20 @@ impl InkspectApp {
                     }
                 }
                 Err(e) => {
-                    let mut msg = e.to_string();
+                    let mut message = e.to_string();
                     let mut bak = path.as_os_str().to_owned();
                     bak.push(".bak");
-                    if Path::new(&bak).is_file() {
-                        msg.push_str(&format!(
+                    let has_backup = Path::new(&bak).is_file();
+                    if has_backup {
+                        message.push_str(&format!(
                             "\n\nA backup of the previous save exists: {}",
                             Path::new(&bak).display()
                         ));
                     }
-                    self.error_dialog = Some(msg);
+                    self.error_dialog = Some(ErrorDialog {
+                        message,
+                        backup_of: has_backup.then(|| path.clone()),
+                    });
                 }
             },
             Command::SaveProject => match self.project_path.clone() {
@@ -521,7 +533,30 @@ impl InkspectApp {
                     self.dirty = true;
                 }
             }
-            Command::StartTraining => self.start_training(),
+            Command::StartTraining { resume } => self.start_training(resume),
+            Command::OpenBackup(path) => {
+                let mut bak = path.as_os_str().to_owned();
+                bak.push(".bak");
+                match Project::load(Path::new(&bak)) {
+                    Ok(project) => {
+                        self.replace_project(project, Some(path.clone()));
+                        self.dirty = true;
+                        self.toast(
+                            format!(
+                                "Opened the backup of {}; save to replace the damaged file",
+                                path.display()
+                            ),
+                            false,
+                        );
+                    }
+                    Err(e) => {
+                        self.error_dialog = Some(ErrorDialog {
+                            message: format!("The backup cannot be opened either: {e}"),
+                            backup_of: None,
+                        })
+                    }
+                }
+            }
             Command::CancelTraining => {
                 if let Some(h) = self.training.as_ref().and_then(|t| t.handle.as_ref()) {
                     h.stop.set();
@@ -573,6 +608,16 @@ impl InkspectApp {
         self.evaluation.viewer = None;
         self.evaluation.events = None;
         self.evaluation.scoring = None;
+        self.refresh_checkpoint();
+    }
+
+    /// Looks for the checkpoint of an interrupted training of this project's model.
+    pub fn refresh_checkpoint(&mut self) {
+        self.checkpoint = self
+            .project_path
+            .as_ref()
+            .map(|_| checkpoint_path(&self.default_model_path()))
+            .and_then(|p| Checkpoint::read_header(&p).ok());
     }
 
     fn save_to(&mut self, path: &Path) {
@@ -581,6 +626,7 @@ impl InkspectApp {
                 self.project_path = Some(path.to_path_buf());
                 self.dirty = false;
                 self.remember_recent(path);
+                self.refresh_checkpoint();
                 self.toast(format!("Saved {}", path.display()), false);
             }
             Err(e) => self.toast(format!("Could not save: {e}"), true),
@@ -605,7 +651,7 @@ impl InkspectApp {
         let tx = self.dialog_tx.clone();
         let name = format!(
             "{}.{}",
-            sanitize(&self.project.name),
+            file_stem_for(&self.project.name),
             crate::engine::project::PROJECT_EXTENSION
         );
         std::thread::spawn(move || {
@@ -746,7 +792,7 @@ impl InkspectApp {
         self.toast(msg, n_failed > 0);
     }
 
-    fn start_training(&mut self) {
+    fn start_training(&mut self, resume: bool) {
         if self.is_training() {
             return;
         }
@@ -770,6 +816,8 @@ impl InkspectApp {
             model_path: self.default_model_path(),
             cache: self.cache.clone(),
             device: self.device(),
+            resume,
+            memory_budget_bytes: None,
         };
         let max_epochs = request.training.max_epochs;
         self.max_ui_ms_while_training = 0.0;
@@ -864,7 +912,12 @@ impl InkspectApp {
                 }
                 TrainEvent::Cancelled { epochs_done } => {
                     view.status = format!(
-                        "Cancelled after {epochs_done} epochs; the previous model is unchanged"
+                        "Cancelled after {epochs_done} epochs; the previous model is unchanged{}",
+                        if epochs_done > 0 {
+                            " (Resume continues from the last finished epoch)"
+                        } else {
+                            ""
+                        }
                     );
                     view.outcome = Some(TrainingOutcome::Cancelled);
                     notify = Some((
@@ -915,6 +968,9 @@ impl InkspectApp {
                 self.save_to(&p);
             }
             self.load_inspector();
+        }
+        if ended {
+            self.refresh_checkpoint();
         }
     }
 
@@ -1353,13 +1409,21 @@ impl InkspectApp {
                 self.pending_drop = None;
             }
         }
-        if let Some(msg) = self.error_dialog.clone() {
+        if let Some(dialog) = self.error_dialog.clone() {
             let resp = egui::Modal::new(egui::Id::unique("error")).show(ui.ctx(), |ui| {
                 ui.heading("Something went wrong");
-                ui.label(msg);
-                if ui.button("OK").clicked() {
-                    ui.close();
-                }
+                ui.label(&dialog.message);
+                ui.horizontal(|ui| {
+                    if let Some(path) = &dialog.backup_of
+                        && ui.button("Open backup").clicked()
+                    {
+                        self.send(Command::OpenBackup(path.clone()));
+                        ui.close();
+                    }
+                    if ui.button("OK").clicked() {
+                        ui.close();
+                    }
+                });
             });
             if resp.should_close() {
                 self.error_dialog = None;
@@ -1428,10 +1492,30 @@ impl eframe::App for InkspectApp {
     }
 
     fn on_exit(&mut self) {
-        if let Some(h) = self.training.as_ref().and_then(|t| t.handle.as_ref()) {
+        if let Some(h) = self.training.as_mut().and_then(|t| t.handle.take()) {
             h.stop.set();
+            // The worker checks the flag before every batch: wait for it to end cleanly (the
+            // checkpoint of its last finished epoch stays, for a resume).
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !h.thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if h.thread.is_finished() {
+                let _ = h.thread.join();
+            } else {
+                log::warn!("the training did not stop within 10 s; exiting anyway");
+            }
         }
     }
+}
+
+/// An error shown in a dialog.
+#[derive(Debug, Clone)]
+pub struct ErrorDialog {
+    /// What went wrong, naming the file.
+    pub message: String,
+    /// The project file whose `.bak` backup the dialog offers to open.
+    pub backup_of: Option<PathBuf>,
 }
 
 /// A decoded preview (original, downscaled) or why the image cannot be read.
@@ -1441,20 +1525,6 @@ pub type PreviewResult = Result<(egui::ColorImage, egui::ColorImage), String>;
 pub fn overlay_image(decoded: &DecodedImage, inspection: &Inspection) -> egui::ColorImage {
     let rgb = crate::engine::visual::overlay(decoded, inspection, 0.6);
     egui::ColorImage::from_rgb([rgb.width() as usize, rgb.height() as usize], rgb.as_raw())
-}
-
-fn sanitize(name: &str) -> String {
-    let s: String = name
-        .chars()
-        .map(|c| {
-            if c.is_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if s.is_empty() { "project".into() } else { s }
 }
 
 fn unix_secs() -> u64 {

@@ -76,7 +76,23 @@ fn settings(app: &mut InkspectApp, ui: &mut egui::Ui) {
             .on_disabled_hover_text("Import at least 2 good images first")
             .clicked()
         {
-            app.send(Command::StartTraining);
+            app.send(Command::StartTraining { resume: false });
+        }
+        if let Some(ckpt) = app.checkpoint.as_ref().filter(|_| !running) {
+            let label = format!(
+                "Resume (epoch {} of {} done)",
+                ckpt.epochs_done, app.project.training.max_epochs
+            );
+            if ui
+                .add_enabled(can_train, egui::Button::new(label))
+                .on_hover_text(
+                    "Continue the interrupted training from its last finished epoch (the same \
+                     images and network; raise Epochs to train longer)",
+                )
+                .clicked()
+            {
+                app.send(Command::StartTraining { resume: true });
+            }
         }
         if ui
             .add_enabled(running, egui::Button::new("Cancel"))

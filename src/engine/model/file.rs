@@ -103,21 +103,8 @@ impl ModelFile {
             reason,
         };
         let header = serde_json::to_vec_pretty(&self.header).map_err(|e| corrupt(e.to_string()))?;
-        let weights = self
-            .network
-            .clone()
-            .into_record()
-            .into_bytes()
-            .map_err(|e| corrupt(e.to_string()))?;
-        let mut out = Vec::with_capacity(header.len() + weights.len() + 64);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&MODEL_FORMAT_VERSION.to_le_bytes());
-        out.extend_from_slice(&(header.len() as u64).to_le_bytes());
-        out.extend_from_slice(&header);
-        out.extend_from_slice(&(weights.len() as u64).to_le_bytes());
-        out.extend_from_slice(&weights);
-        let checksum = xxhash_rust::xxh3::xxh3_64(&out);
-        out.extend_from_slice(&checksum.to_le_bytes());
+        let weights = network_bytes(&self.network).map_err(corrupt)?;
+        let out = encode_container(MAGIC, MODEL_FORMAT_VERSION, &[&header, &weights]);
         crate::engine::atomic_write(path, &out).map_err(|source| ModelFileError::Io {
             path: path.to_path_buf(),
             source,
@@ -126,74 +113,129 @@ impl ModelFile {
 
     /// Reads only the header (fast; no weights are loaded).
     pub fn read_header(path: &Path) -> Result<ModelHeader, ModelFileError> {
-        let bytes = read(path)?;
-        Ok(parse(&bytes, path)?.0)
+        let bytes = read_file(path)?;
+        let sections = decode_container(&bytes, MAGIC, MODEL_FORMAT_VERSION, 2, path)?;
+        parse_header(sections[0], path)
     }
 
     /// Loads a model file onto `device` (inference device; call on an autodiff device to keep
     /// training).
     pub fn load(path: &Path, device: &Device) -> Result<ModelFile, ModelFileError> {
-        let bytes = read(path)?;
-        let (header, weights) = parse(&bytes, path)?;
-        let corrupt = |reason: String| ModelFileError::Corrupt {
-            path: path.to_path_buf(),
-            reason,
-        };
-        if header.autoencoder.widths.is_empty()
-            || header.autoencoder.widths.len() > 8
-            || header
-                .autoencoder
-                .widths
-                .iter()
-                .any(|&w| w == 0 || w > 4096)
-            || !(1..=4).contains(&header.autoencoder.channels)
-            || header.autoencoder.latent_channels == 0
-            || header.autoencoder.latent_channels > 4096
-        {
-            return Err(corrupt("impossible network shape in header".into()));
-        }
-        let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(weights.to_vec()))
-            .map_err(|e| corrupt(e.to_string()))?;
-        let network = header
-            .autoencoder
-            .init(device)
-            .try_load_record(record)
-            .map_err(|e| corrupt(e.to_string()))?;
+        let bytes = read_file(path)?;
+        Self::from_bytes(&bytes, path, device)
+    }
+
+    /// Parses the bytes of a model file; `path` is only used in error messages.
+    pub fn from_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<ModelFile, ModelFileError> {
+        let sections = decode_container(bytes, MAGIC, MODEL_FORMAT_VERSION, 2, path)?;
+        let header: ModelHeader = parse_header(sections[0], path)?;
+        let network = network_from_bytes(&header.autoencoder, sections[1], device, path)?;
         Ok(ModelFile { header, network })
     }
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, ModelFileError> {
+/// The weights of `network` as burnpack bytes.
+pub(crate) fn network_bytes(network: &ConvAutoencoder) -> Result<Vec<u8>, String> {
+    network
+        .clone()
+        .into_record()
+        .into_bytes()
+        .map(|b| b.to_vec())
+        .map_err(|e| e.to_string())
+}
+
+/// A network of shape `spec` with the weights in `weights` (burnpack), checking the shape first
+/// so that a damaged header cannot ask for an absurd allocation.
+pub(crate) fn network_from_bytes(
+    spec: &AutoencoderSpec,
+    weights: &[u8],
+    device: &Device,
+    path: &Path,
+) -> Result<ConvAutoencoder, ModelFileError> {
+    let corrupt = |reason: String| ModelFileError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if spec.widths.is_empty()
+        || spec.widths.len() > 8
+        || spec.widths.iter().any(|&w| w == 0 || w > 4096)
+        || !(1..=4).contains(&spec.channels)
+        || spec.latent_channels == 0
+        || spec.latent_channels > 4096
+    {
+        return Err(corrupt("impossible network shape in header".into()));
+    }
+    let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(weights.to_vec()))
+        .map_err(|e| corrupt(e.to_string()))?;
+    spec.init(device)
+        .try_load_record(record)
+        .map_err(|e| corrupt(e.to_string()))
+}
+
+pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>, ModelFileError> {
     std::fs::read(path).map_err(|source| ModelFileError::Io {
         path: path.to_path_buf(),
         source,
     })
 }
 
-fn parse<'a>(bytes: &'a [u8], path: &Path) -> Result<(ModelHeader, &'a [u8]), ModelFileError> {
+pub(crate) fn parse_header<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    path: &Path,
+) -> Result<T, ModelFileError> {
+    serde_json::from_slice(bytes).map_err(|e| ModelFileError::Corrupt {
+        path: path.to_path_buf(),
+        reason: format!("header is not valid: {e}"),
+    })
+}
+
+/// Lays out a container file: 16-byte `magic`, `u32` version, then each section as a `u64` length
+/// and its bytes, then a `u64` xxh3-64 checksum of everything before it (little-endian).
+pub(crate) fn encode_container(magic: &[u8; 16], version: u32, sections: &[&[u8]]) -> Vec<u8> {
+    let len: usize = sections.iter().map(|s| s.len() + 8).sum();
+    let mut out = Vec::with_capacity(len + 32);
+    out.extend_from_slice(magic);
+    out.extend_from_slice(&version.to_le_bytes());
+    for s in sections {
+        out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        out.extend_from_slice(s);
+    }
+    let checksum = xxhash_rust::xxh3::xxh3_64(&out);
+    out.extend_from_slice(&checksum.to_le_bytes());
+    out
+}
+
+/// Checks and splits a file laid out by [`encode_container`] into its `n_sections` sections.
+pub(crate) fn decode_container<'a>(
+    bytes: &'a [u8],
+    magic: &[u8; 16],
+    max_version: u32,
+    n_sections: usize,
+    path: &Path,
+) -> Result<Vec<&'a [u8]>, ModelFileError> {
     let corrupt = |reason: &str| ModelFileError::Corrupt {
         path: path.to_path_buf(),
         reason: reason.to_string(),
     };
-    if bytes.len() < 16 || &bytes[..16] != MAGIC {
+    if bytes.len() < 16 || &bytes[..16] != magic {
         return Err(ModelFileError::NotAModel {
             path: path.to_path_buf(),
         });
     }
-    let u32_at = |at: usize| -> Option<u32> {
-        Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
-    };
     let u64_at = |at: usize| -> Option<u64> {
-        Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
+        Some(u64::from_le_bytes(bytes.get(at..at.checked_add(8)?)?.try_into().ok()?))
     };
-    let version = u32_at(16).ok_or_else(|| corrupt("truncated before the version"))?;
-    if version > MODEL_FORMAT_VERSION {
+    let version = bytes
+        .get(16..20)
+        .map(|b| u32::from_le_bytes(b.try_into().unwrap_or_default()))
+        .ok_or_else(|| corrupt("truncated before the version"))?;
+    if version > max_version {
         return Err(ModelFileError::TooNew {
             path: path.to_path_buf(),
             found: version,
         });
     }
-    if bytes.len() < 8 + 20 {
+    if bytes.len() < 20 + 8 {
         return Err(corrupt("truncated"));
     }
     let body_end = bytes.len() - 8;
@@ -203,20 +245,21 @@ fn parse<'a>(bytes: &'a [u8], path: &Path) -> Result<(ModelHeader, &'a [u8]), Mo
             "checksum mismatch: the file is truncated or was modified",
         ));
     }
-    let header_len = u64_at(20).ok_or_else(|| corrupt("truncated header length"))? as usize;
-    let header_start = 28usize;
-    let header_end = header_start
-        .checked_add(header_len)
-        .filter(|&e| e <= body_end)
-        .ok_or_else(|| corrupt("header length beyond the end of the file"))?;
-    let header: ModelHeader = serde_json::from_slice(&bytes[header_start..header_end])
-        .map_err(|e| corrupt(&format!("header is not valid: {e}")))?;
-    let weights_len =
-        u64_at(header_end).ok_or_else(|| corrupt("truncated weights length"))? as usize;
-    let weights_start = header_end + 8;
-    let weights_end = weights_start
-        .checked_add(weights_len)
-        .filter(|&e| e == body_end)
-        .ok_or_else(|| corrupt("weights length does not match the file size"))?;
-    Ok((header, &bytes[weights_start..weights_end]))
+    let mut sections = Vec::with_capacity(n_sections);
+    let mut at = 20usize;
+    for i in 0..n_sections {
+        let len = u64_at(at).ok_or_else(|| corrupt("truncated section length"))?;
+        let start = at + 8;
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|l| start.checked_add(l))
+            .filter(|&e| e <= body_end)
+            .ok_or_else(|| corrupt("section length beyond the end of the file"))?;
+        sections.push(&bytes[start..end]);
+        at = end;
+        if i + 1 == n_sections && at != body_end {
+            return Err(corrupt("unexpected bytes after the last section"));
+        }
+    }
+    Ok(sections)
 }

@@ -2,11 +2,13 @@
 //! and the self-describing model file.
 
 pub mod autoencoder;
+pub mod checkpoint;
 pub mod file;
 
 use serde::{Deserialize, Serialize};
 
 pub use autoencoder::{AutoencoderSpec, ConvAutoencoder};
+pub use checkpoint::{Checkpoint, CheckpointHeader, checkpoint_path, dataset_fingerprint};
 pub use file::{ModelFile, ModelFileError, ModelHeader};
 
 /// The model types a project can use.

@@ -249,6 +249,14 @@ fn train(args: TrainArgs, device: DevicePreference) -> Result<()> {
             report.duplicates.len()
         );
     }
+    if let Some(first) = report.enlarged.first() {
+        eprintln!(
+            "warning: {} images are smaller than the training size ({} px) and are enlarged (first: {})",
+            report.enlarged.len(),
+            dataset.effective_size_px(),
+            first.display()
+        );
+    }
     let compute = select_device(device);
     let request = TrainRequest {
         framework: Framework::ConvAutoencoder,
@@ -293,6 +301,8 @@ fn train_project(args: TrainArgs, device: DevicePreference) -> Result<()> {
     // Re-read the project so that edits saved while training ran are kept.
     let mut project = Project::load(&project_path)?;
     project.model_path = Some(model_path);
+    // Thresholds tuned on the previous model are in other units: use the new model's suggestion.
+    project.thresholds = None;
     project.save(&project_path)?;
     eprintln!("project updated: {}", project_path.display());
     Ok(())

@@ -14,6 +14,7 @@ use inkspect::engine::dataset::import::ImageRole;
 use inkspect::engine::dataset::prepare::DatasetCache;
 use inkspect::engine::demo::{DemoSpec, write_demo_dataset};
 use inkspect::engine::inference::Class;
+use inkspect::engine::project::Project;
 use inkspect::ui::evaluation_tab::CLASSIFICATION_SLIDER;
 use inkspect::ui::notifications::Notifier;
 use inkspect::ui::{Command, InkspectApp, Tab};
@@ -266,11 +267,70 @@ fn a_project_that_cannot_be_opened_shows_an_error_naming_it() {
     let mut h = harness(RecordingNotifier::default(), &dir.path().join("cache"));
     h.state_mut().send(Command::OpenProject(file));
     h.run();
-    let msg = h.state().error_dialog.clone().expect("an error dialog");
-    assert!(msg.contains("broken.inkspect"), "{msg}");
+    let dialog = h.state().error_dialog.clone().expect("an error dialog");
+    assert!(dialog.message.contains("broken.inkspect"), "{dialog:?}");
+    assert!(dialog.backup_of.is_none(), "no backup exists");
+    assert!(h.query_by_label("Open backup").is_none());
     h.get_by_label("OK").click();
     h.run();
     assert!(h.state().error_dialog.is_none());
+
+    // With a backup from an earlier save, the dialog offers it, and opening it puts it in the
+    // damaged file's place (unsaved, so a save replaces the damaged file).
+    let file = dir.path().join("line 2.inkspect");
+    Project::new("before the crash").save(&file).unwrap();
+    Project::new("latest").save(&file).unwrap();
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 3]).unwrap();
+    h.state_mut().send(Command::OpenProject(file.clone()));
+    h.run();
+    h.get_by_label("Open backup").click();
+    h.run();
+    let app = h.state();
+    assert!(app.error_dialog.is_none());
+    assert_eq!(app.project.name, "before the crash");
+    assert_eq!(app.project_path.as_deref(), Some(file.as_path()));
+    assert!(app.dirty);
+}
+
+#[test]
+fn closing_the_app_during_training_cancels_it_cleanly() {
+    use eframe::App;
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().join("demo");
+    write_demo_dataset(&demo, &DemoSpec::tiny()).unwrap();
+    let mut h = harness(RecordingNotifier::default(), &dir.path().join("cache"));
+    h.state_mut()
+        .send(Command::SaveProjectAs(dir.path().join("closing.inkspect")));
+    h.state_mut().send(Command::Import {
+        paths: vec![demo.join("train/good")],
+        role: ImageRole::TrainGood,
+    });
+    step_until(&mut h, "import", Duration::from_secs(60), |a| {
+        a.import.is_none() && a.queue.is_empty()
+    });
+    let mut training = h.state().project.training;
+    training.max_epochs = 1000;
+    h.state_mut().send(Command::SetTraining(training));
+    let mut dataset = h.state().project.dataset;
+    dataset.image_size_px = 64;
+    h.state_mut().send(Command::SetDataset(dataset));
+    h.state_mut().send(Command::StartTraining { resume: false });
+    step_until(&mut h, "first epoch", Duration::from_secs(120), |a| {
+        a.training.as_ref().is_some_and(|t| !t.history.is_empty())
+    });
+    let model = h.state().default_model_path();
+    h.state_mut().on_exit();
+    let app = h.state();
+    assert!(
+        app.training.as_ref().is_some_and(|t| t.handle.is_none()),
+        "the worker was stopped and joined"
+    );
+    assert!(!model.exists(), "a cancelled training writes no model");
+    assert!(
+        inkspect::engine::model::checkpoint_path(&model).is_file(),
+        "the last finished epoch is kept for a resume"
+    );
 }
 
 /// Benchmark, not run by default (`cargo test --test ui -- --ignored --nocapture`): 1,000 camera-size

@@ -786,6 +786,13 @@ impl InkspectApp {
         if !report.duplicates.is_empty() {
             msg.push_str(&format!(", {} duplicates skipped", report.duplicates.len()));
         }
+        if let Some(first) = report.enlarged.first() {
+            msg.push_str(&format!(
+                "; {} are smaller than the training size and will be enlarged (first: {})",
+                report.enlarged.len(),
+                first.display()
+            ));
+        }
         if report.cancelled {
             msg.push_str(" (cancelled)");
         }

@@ -93,6 +93,9 @@ pub struct ImportReport {
     pub duplicates: Vec<PathBuf>,
     /// Whether the import was cancelled before all files were processed.
     pub cancelled: bool,
+    /// Imported images with a side shorter than the training size (only known when the import
+    /// prepares images): they are enlarged for training and lose sharpness, so they are listed.
+    pub enlarged: Vec<PathBuf>,
 }
 
 /// Lists the image files under `paths`: files are taken as they are (if they have an image
@@ -241,6 +244,11 @@ pub fn import_items(
         match result {
             None => report.cancelled = true,
             Some(Ok(image)) => {
+                if let Some((size, _)) = &options.prepare
+                    && image.width.min(image.height) < *size
+                {
+                    report.enlarged.push(image.path.clone());
+                }
                 if seen.insert(image.content_hash.clone()) {
                     report.imported.push(image);
                 } else {

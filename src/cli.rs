@@ -749,8 +749,14 @@ fn demo(args: DemoArgs) -> Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "app")]
 fn open_app(project: Option<PathBuf>) -> Result<()> {
     crate::ui::run_app(project).map_err(|e| anyhow::anyhow!("the desktop app could not start: {e}"))
+}
+
+#[cfg(not(feature = "app"))]
+fn open_app(_project: Option<PathBuf>) -> Result<()> {
+    bail!("this build of Inkspect has no desktop app (built without the `app` feature)")
 }
 
 /// Folder of the demo project: `$INKSPECT_DEMO_DIR`, else `datasets/demo` in the source tree when
@@ -763,7 +769,7 @@ pub fn demo_dir() -> PathBuf {
     if in_repo.is_dir() && std::fs::metadata(&in_repo).is_ok_and(|m| !m.permissions().readonly()) {
         return in_repo.join("demo");
     }
-    crate::ui::app::data_dir()
+    crate::engine::data_dir()
         .unwrap_or_else(std::env::temp_dir)
         .join("demo")
 }

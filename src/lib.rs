@@ -6,4 +6,5 @@
 
 pub mod cli;
 pub mod engine;
+#[cfg(feature = "app")]
 pub mod ui;

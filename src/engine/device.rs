@@ -56,7 +56,14 @@ pub struct GpuAdapter {
     pub kind: DeviceKind,
 }
 
+/// Looks for a hardware GPU; always `None` in a build without the `gpu` feature.
+#[cfg(not(feature = "gpu"))]
+pub fn find_hardware_gpu() -> Option<GpuAdapter> {
+    None
+}
+
 /// Looks for a hardware GPU. Software rasterisers (reported by wgpu as CPU adapters) are ignored.
+#[cfg(feature = "gpu")]
 pub fn find_hardware_gpu() -> Option<GpuAdapter> {
     use burn::tensor::wgpu::wgpu;
     let probe = std::panic::catch_unwind(|| {
@@ -130,12 +137,13 @@ pub fn select_device(preference: DevicePreference) -> ComputeDevice {
         return cpu_device();
     }
     match find_hardware_gpu() {
+        #[cfg(feature = "gpu")]
         Some(gpu) => ComputeDevice {
             device: Device::wgpu(gpu.kind),
             is_gpu: true,
             description: format!("GPU: {} ({})", gpu.name, gpu.backend),
         },
-        None => {
+        _ => {
             if preference == DevicePreference::Gpu {
                 log::warn!("no hardware GPU found; using the CPU");
             }

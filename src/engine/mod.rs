@@ -36,6 +36,21 @@ impl StopFlag {
     }
 }
 
+/// `$XDG_DATA_HOME/inkspect`, else `~/.local/share/inkspect`.
+pub fn data_dir() -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    std::env::var_os("XDG_DATA_HOME")
+        .map(|d| PathBuf::from(d).join("inkspect"))
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| {
+                PathBuf::from(h)
+                    .join(".local")
+                    .join("share")
+                    .join("inkspect")
+            })
+        })
+}
+
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder is written, flushed to
 /// disk (fsync) and renamed over `path`, so a crash leaves either the old file or the new one,
 /// never a partial file. Creates the parent folder if needed.

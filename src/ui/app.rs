@@ -1551,16 +1551,4 @@ pub fn config_dir() -> Option<PathBuf> {
         })
 }
 
-/// `$XDG_DATA_HOME/inkspect`, else `~/.local/share/inkspect`.
-pub fn data_dir() -> Option<PathBuf> {
-    std::env::var_os("XDG_DATA_HOME")
-        .map(|d| PathBuf::from(d).join("inkspect"))
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| {
-                PathBuf::from(h)
-                    .join(".local")
-                    .join("share")
-                    .join("inkspect")
-            })
-        })
-}
+pub use crate::engine::data_dir;

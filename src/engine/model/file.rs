@@ -200,9 +200,14 @@ pub(crate) fn encode_container(magic: &[u8; 16], version: u32, sections: &[&[u8]
         out.extend_from_slice(&(s.len() as u64).to_le_bytes());
         out.extend_from_slice(s);
     }
-    let checksum = xxhash_rust::xxh3::xxh3_64(&out);
+    let checksum = container_checksum(&out);
     out.extend_from_slice(&checksum.to_le_bytes());
     out
+}
+
+/// The checksum stored at the end of a container file: xxh3-64 of everything before it.
+pub fn container_checksum(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytes)
 }
 
 /// Checks and splits a file laid out by [`encode_container`] into its `n_sections` sections.
@@ -240,7 +245,7 @@ pub(crate) fn decode_container<'a>(
     }
     let body_end = bytes.len() - 8;
     let stored = u64_at(body_end).ok_or_else(|| corrupt("truncated"))?;
-    if xxhash_rust::xxh3::xxh3_64(&bytes[..body_end]) != stored {
+    if container_checksum(&bytes[..body_end]) != stored {
         return Err(corrupt(
             "checksum mismatch: the file is truncated or was modified",
         ));

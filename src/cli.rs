@@ -54,6 +54,9 @@ pub enum Command {
     Eval(EvalArgs),
     /// Write the synthetic wafer-die demo dataset (MVTec layout) to a folder.
     Demo(DemoArgs),
+    /// Measure import, training and inspection speed (and, with --pytorch, side by side with
+    /// PyTorch); prints a table and one JSON line.
+    Bench(crate::bench::BenchArgs),
     /// Open the desktop app on a project file (or an empty project).
     App {
         /// Project file (.inkspect) to open.
@@ -187,6 +190,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Infer(args)) => infer(args, cli.device),
         Some(Command::Eval(args)) => eval(args, cli.device),
         Some(Command::Demo(args)) => demo(args),
+        Some(Command::Bench(args)) => crate::bench::run(&args, &select_device(cli.device)),
         Some(Command::App { project }) => open_app(project),
         None => open_app(Some(demo_project()?)),
     }

@@ -4,6 +4,7 @@
 //! training, inspection, metrics) and never imports egui. The command line ([`cli`]) and the desktop
 //! app drive the same engine.
 
+pub mod bench;
 pub mod cli;
 pub mod engine;
 #[cfg(feature = "app")]

@@ -398,6 +398,11 @@ impl Inspector {
         }
     }
 
+    /// The network (inference mode).
+    pub fn network(&self) -> &ConvAutoencoder {
+        &self.network
+    }
+
     /// The model's suggested thresholds.
     pub fn suggested_thresholds(&self) -> Thresholds {
         self.header.suggested_thresholds

@@ -54,6 +54,9 @@ pub enum Command {
     Eval(EvalArgs),
     /// Write the synthetic wafer-die demo dataset (MVTec layout) to a folder.
     Demo(DemoArgs),
+    /// Train with the defaults and evaluate every MVTec-layout category under the given roots;
+    /// prints one table (category, framework, image and pixel AUROC, training s, ms/image).
+    BenchQuality(BenchQualityArgs),
     /// Measure import, training and inspection speed (and, with --pytorch, side by side with
     /// PyTorch); prints a table and one JSON line.
     Bench(crate::bench::BenchArgs),
@@ -170,6 +173,17 @@ pub struct EvalArgs {
     pub batch_size: usize,
 }
 
+/// Arguments of `inkspect bench-quality`.
+#[derive(Debug, Args)]
+pub struct BenchQualityArgs {
+    /// MVTec-layout category folders, or folders holding them.
+    #[arg(required = true)]
+    pub roots: Vec<PathBuf>,
+    /// Also write the table (Markdown) to this file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
 /// Arguments of `inkspect demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -190,6 +204,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Infer(args)) => infer(args, cli.device),
         Some(Command::Eval(args)) => eval(args, cli.device),
         Some(Command::Demo(args)) => demo(args),
+        Some(Command::BenchQuality(args)) => bench_quality(args, cli.device),
         Some(Command::Bench(args)) => crate::bench::run(&args, &select_device(cli.device)),
         Some(Command::App { project }) => open_app(project),
         None => open_app(Some(demo_project()?)),
@@ -576,7 +591,22 @@ fn eval(args: EvalArgs, device: DevicePreference) -> Result<()> {
     let compute = select_device(device);
     let inspector = Inspector::load(&args.model, &compute.device)?;
     let thresholds = thresholds_for(&inspector, args.seg_threshold, args.cls_threshold);
-    let items: Vec<_> = scan_mvtec(&args.data)
+    let mut report = evaluate(&inspector, &args.data, thresholds, args.batch_size)?;
+    report["model"] = json!(args.model);
+    report["device"] = json!(compute.description);
+    println!("{report}");
+    Ok(())
+}
+
+/// Evaluates `inspector` on the test images of the MVTec-layout category folder `data` at
+/// `thresholds`; returns the figures `inkspect eval` prints.
+fn evaluate(
+    inspector: &Inspector,
+    data: &Path,
+    thresholds: Thresholds,
+    batch_size: usize,
+) -> Result<serde_json::Value> {
+    let items: Vec<_> = scan_mvtec(data)
         .items
         .into_iter()
         .filter(|i| i.role != ImageRole::TrainGood)
@@ -585,7 +615,7 @@ fn eval(args: EvalArgs, device: DevicePreference) -> Result<()> {
     let pb = bar(paths.len() as u64, "evaluating");
     let mut good_scores = Vec::new();
     let mut nok_scores = Vec::new();
-    let hi = pixel_range_hi(&inspector);
+    let hi = pixel_range_hi(inspector);
     // Normalised maps go below zero (less error than usual); the range covers that too.
     let mut pixel = PixelRocAccumulator::new(-hi / 10.0, hi, 1 << 16);
     let mut n_with_masks = 0usize;
@@ -593,7 +623,7 @@ fn eval(args: EvalArgs, device: DevicePreference) -> Result<()> {
     let mut per_kind: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
     let start = Instant::now();
     let mut index = 0usize;
-    inspector.inspect_files(&paths, thresholds, args.batch_size, &mut |(
+    inspector.inspect_files(&paths, thresholds, batch_size, &mut |(
         path,
         result,
     )| {
@@ -647,11 +677,8 @@ fn eval(args: EvalArgs, device: DevicePreference) -> Result<()> {
         None
     };
     let n = good_scores.len() + nok_scores.len();
-    println!(
-        "{}",
-        json!({
-            "data": args.data,
-            "model": args.model,
+    Ok(json!({
+            "data": data,
             "image_auroc": auroc(&good_scores, &nok_scores),
             "pixel_auroc": pixel_auroc,
             "n_good": good_scores.len(),
@@ -673,9 +700,105 @@ fn eval(args: EvalArgs, device: DevicePreference) -> Result<()> {
             "roc_curve": roc_curve(&good_scores, &nok_scores).map(|c| roc_points(&c, 200)),
             "flagged_nok_per_kind": per_kind.iter().map(|(k, (n, f))| (k.clone(), json!({"images": n, "flagged_nok": f}))).collect::<serde_json::Map<_, _>>(),
             "ms_per_image": 1000.0 * secs / n.max(1) as f64,
-            "device": compute.description,
-        })
-    );
+    }))
+}
+
+/// `inkspect bench-quality`: trains with the defaults and evaluates every MVTec-layout category
+/// under the given roots; prints (and optionally writes) one Markdown table.
+fn bench_quality(args: BenchQualityArgs, device: DevicePreference) -> Result<()> {
+    let mut categories: Vec<PathBuf> = Vec::new();
+    for root in &args.roots {
+        if is_mvtec_layout(root) {
+            categories.push(root.clone());
+        } else {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(root)
+                .with_context(|| format!("cannot read {}", root.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| is_mvtec_layout(p))
+                .collect();
+            if found.is_empty() {
+                bail!("{}: no MVTec-layout category found (train/good and test/)", root.display());
+            }
+            found.sort();
+            categories.extend(found);
+        }
+    }
+    let compute = select_device(device);
+    let work = tempfile::tempdir()?;
+    let mut rows = vec![
+        "| category | framework | image AUROC | pixel AUROC | training s | inference ms/image |"
+            .to_string(),
+        "|---|---|---|---|---|---|".to_string(),
+    ];
+    let (mut sum_image, mut sum_pixel, mut n_image, mut n_pixel) = (0.0, 0.0, 0usize, 0usize);
+    for (i, category) in categories.iter().enumerate() {
+        let name = category
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        eprintln!("[{}/{}] {name}", i + 1, categories.len());
+        let (files, _) = collect_image_files(&[category.join("train").join("good")]);
+        let dataset = DatasetSettings::default();
+        let cache = DatasetCache::default();
+        let report = import_items(
+            &items_with_role(files, ImageRole::TrainGood),
+            &ImportOptions {
+                prepare: Some((dataset.effective_size_px(), cache.clone())),
+                known_hashes: Default::default(),
+            },
+            &|_, _| {},
+            &StopFlag::new(),
+        );
+        let model_path = work.path().join(format!("{i}.ink"));
+        let framework = Framework::default();
+        let summary = run_training(TrainRequest {
+            framework,
+            images: report.imported,
+            dataset,
+            training: TrainingSettings::default(),
+            model_path: model_path.clone(),
+            cache,
+            device: compute.clone(),
+            resume: false,
+            memory_budget_bytes: None,
+        })?;
+        let inspector = Inspector::load(&model_path, &compute.device)?;
+        let figures = evaluate(&inspector, category, inspector.suggested_thresholds(), 8)?;
+        let image = figures["image_auroc"].as_f64();
+        let pixel = figures["pixel_auroc"].as_f64();
+        if let Some(v) = image {
+            sum_image += v;
+            n_image += 1;
+        }
+        if let Some(v) = pixel {
+            sum_pixel += v;
+            n_pixel += 1;
+        }
+        let f = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.3}"));
+        let row = format!(
+            "| {name} | {} | {} | {} | {:.0} | {:.1} |",
+            framework.display_name(),
+            f(image),
+            f(pixel),
+            summary.train_secs + summary.prepare_secs,
+            figures["ms_per_image"].as_f64().unwrap_or(f64::NAN)
+        );
+        eprintln!("{row}");
+        rows.push(row);
+    }
+    let mean = |s: f64, n: usize| if n > 0 { format!("{:.3}", s / n as f64) } else { "–".into() };
+    rows.push(format!(
+        "| **mean of {}** | | **{}** | **{}** | | |",
+        categories.len(),
+        mean(sum_image, n_image),
+        mean(sum_pixel, n_pixel)
+    ));
+    let table = rows.join("\n");
+    println!("{table}");
+    if let Some(out) = &args.out {
+        crate::engine::atomic_write(out, format!("{table}\n").as_bytes())
+            .with_context(|| format!("cannot write {}", out.display()))?;
+    }
     Ok(())
 }
 

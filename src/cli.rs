@@ -21,7 +21,7 @@ use crate::engine::demo::{DemoSpec, write_demo_dataset};
 use crate::engine::device::{DevicePreference, select_device};
 use crate::engine::inference::{Class, Inspection, Inspector, Thresholds};
 use crate::engine::metrics::{
-    ConfusionMatrix, PixelRocAccumulator, RocCurve, auroc, f1_best_threshold, histogram, roc_curve,
+    ConfusionMatrix, MapWithMask, pro_score, PixelRocAccumulator, RocCurve, auroc, f1_best_threshold, histogram, roc_curve,
     threshold_for_false_alarm_rate,
 };
 use crate::engine::model::Framework;
@@ -619,6 +619,7 @@ fn evaluate(
     // Normalised maps go below zero (less error than usual); the range covers that too.
     let mut pixel = PixelRocAccumulator::new(-hi / 10.0, hi, 1 << 16);
     let mut n_with_masks = 0usize;
+    let mut pro_maps: Vec<(Vec<f32>, Vec<bool>, usize, usize)> = Vec::new();
     let mut failures = Vec::new();
     let mut per_kind: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
     let start = Instant::now();
@@ -657,6 +658,12 @@ fn evaluate(
             if let Err(e) = pixel.add(&ins.map.values, &mask) {
                 failures.push(format!("{}: {e}", path.display()));
             }
+            pro_maps.push(strided_map(
+                &ins.map.values,
+                &mask,
+                ins.map.width as usize,
+                ins.map.height as usize,
+            ));
         }
         if item.role == ImageRole::TestGood {
             good_scores.push(ins.score);
@@ -677,10 +684,25 @@ fn evaluate(
         None
     };
     let n = good_scores.len() + nok_scores.len();
+    let pro = if n_with_masks > 0 {
+        let maps: Vec<MapWithMask<'_>> = pro_maps
+            .iter()
+            .map(|(scores, mask, width, height)| MapWithMask {
+                scores,
+                mask,
+                width: *width,
+                height: *height,
+            })
+            .collect();
+        pro_score(&maps, PRO_FPR_LIMIT)
+    } else {
+        None
+    };
     Ok(json!({
             "data": data,
             "image_auroc": auroc(&good_scores, &nok_scores),
             "pixel_auroc": pixel_auroc,
+            "pro_30": pro,
             "n_good": good_scores.len(),
             "n_nok": nok_scores.len(),
             "n_nok_with_masks": n_with_masks,
@@ -842,6 +864,34 @@ fn pixel_range_hi(inspector: &Inspector) -> f32 {
 }
 
 /// Loads a ground-truth mask (non-zero = defect) resized to `width x height` (nearest neighbour).
+/// PRO is integrated up to this false-positive rate (the usual 30 %).
+const PRO_FPR_LIMIT: f64 = 0.3;
+
+/// Largest side of the maps PRO is computed on (maps are subsampled with an integer stride, so
+/// that a few hundred camera-size images fit in memory).
+const PRO_MAX_SIDE: usize = 256;
+
+/// `scores` and `mask` subsampled with the smallest integer stride that brings both sides to at
+/// most [`PRO_MAX_SIDE`]: (scores, mask, width, height).
+fn strided_map(
+    scores: &[f32],
+    mask: &[bool],
+    width: usize,
+    height: usize,
+) -> (Vec<f32>, Vec<bool>, usize, usize) {
+    let stride = width.max(height).div_ceil(PRO_MAX_SIDE).max(1);
+    let (w, h) = (width.div_ceil(stride), height.div_ceil(stride));
+    let mut s = Vec::with_capacity(w * h);
+    let mut m = Vec::with_capacity(w * h);
+    for y in (0..height).step_by(stride) {
+        for x in (0..width).step_by(stride) {
+            s.push(scores[y * width + x]);
+            m.push(mask[y * width + x]);
+        }
+    }
+    (s, m, w, h)
+}
+
 fn load_mask(path: &Path, width: u32, height: u32) -> Option<Vec<bool>> {
     let mask = match decode_image(path) {
         Ok(m) => m.to_mode(crate::engine::dataset::decode::ColourMode::Mono),

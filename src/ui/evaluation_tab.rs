@@ -3,7 +3,7 @@
 //! and score histogram of good vs nok).
 
 use eframe::egui::{self, RichText};
-use egui_plot::{Bar, BarChart, Legend, Plot, VLine};
+use egui_plot::{Bar, BarChart, Legend, Line, Plot, PlotPoints, Points, VLine};
 
 use super::app::{Command, InkspectApp};
 use super::style;
@@ -379,4 +379,33 @@ fn summary(app: &InkspectApp, ui: &mut egui::Ui, t: Thresholds) {
                     .color(style::THRESHOLD_LINE),
             );
         });
+    if let Some(roc) = crate::engine::metrics::roc_curve(&good, &nok) {
+        let curve: Vec<[f64; 2]> = roc
+            .points
+            .iter()
+            .map(|p| [p.fpr, p.tpr])
+            .collect();
+        let here = [
+            cm.false_alarm_rate().unwrap_or(0.0),
+            cm.recall().unwrap_or(0.0),
+        ];
+        Plot::new("roc-curve")
+            .height(160.0)
+            .data_aspect(1.0)
+            .allow_scroll(false)
+            .include_x(0.0)
+            .include_x(1.0)
+            .include_y(0.0)
+            .include_y(1.0)
+            .x_axis_label("false-alarm rate")
+            .y_axis_label("nok found")
+            .show(ui, |plot| {
+                plot.line(Line::new("ROC", PlotPoints::new(curve)).color(style::NOK));
+                plot.points(
+                    Points::new("at the thresholds", vec![here])
+                        .radius(4.0)
+                        .color(style::THRESHOLD_LINE),
+                );
+            });
+    }
 }

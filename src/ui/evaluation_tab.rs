@@ -391,7 +391,6 @@ fn summary(app: &InkspectApp, ui: &mut egui::Ui, t: Thresholds) {
         ];
         Plot::new("roc-curve")
             .height(160.0)
-            .data_aspect(1.0)
             .allow_scroll(false)
             .include_x(0.0)
             .include_x(1.0)

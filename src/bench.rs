@@ -22,7 +22,9 @@ use crate::engine::dataset::prepare::{DatasetCache, DatasetSettings, PreparedIma
 use crate::engine::device::ComputeDevice;
 use crate::engine::inference::{Inspector, anomaly_maps_at_model_size};
 use crate::engine::model::{AutoencoderSpec, Framework, autoencoder_spec_for};
-use crate::engine::training::{TrainEvent, TrainRequest, TrainingSettings, train};
+use crate::engine::training::{
+    TrainEvent, TrainRequest, TrainingSettings, estimate_training_memory, train,
+};
 
 /// What to measure.
 #[derive(Debug, Clone, clap::Args)]
@@ -188,6 +190,7 @@ pub fn run(args: &BenchArgs, device: &ComputeDevice) -> Result<()> {
         "forward_gflop_per_image": forward_gflop,
         "train_images": args.train_images,
         "train_peak_memory_mib": peak_training.map(|b| b as f64 / 1048576.0),
+        "train_memory_estimate_mib": estimate_training_memory(&spec, size, args.batch, args.train_images).total_bytes as f64 / 1048576.0,
         "memory_before_training_mib": memory_before.map(|b| b as f64 / 1048576.0),
         "infer_model_ms_per_image": model_ms,
         "inspect_file_ms_per_image_batched": files_ms,
@@ -261,8 +264,9 @@ fn table(f: &Value, torch: Option<&Value>) -> String {
         num(&f["import_images_per_sec"])
     ));
     rows.push(format!(
-        "| peak memory of the process while training {} images, MiB | {} | – | – |",
+        "| peak memory of the process while training {} images, MiB (estimate checked before a run: {:.0}) | {} | – | – |",
         f["train_images"],
+        num(&f["train_memory_estimate_mib"]),
         opt(f["train_peak_memory_mib"].as_f64(), 0)
     ));
     rows.join("\n")

@@ -55,6 +55,16 @@ pub fn data_dir() -> Option<std::path::PathBuf> {
 /// disk (fsync) and renamed over `path`, so a crash leaves either the old file or the new one,
 /// never a partial file. Creates the parent folder if needed.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_via_rename(path, bytes, true)
+}
+
+/// Like [`atomic_write`] but without the fsync: readers never see a partial file, but a power
+/// loss may lose the file. For caches, where an fsync per entry would cost more than the entry.
+pub fn atomic_write_unsynced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_via_rename(path, bytes, false)
+}
+
+fn write_via_rename(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
     use std::io::Write;
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -77,7 +87,9 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         tmp.as_file()
             .set_permissions(std::fs::Permissions::from_mode(mode))?;
     }
-    tmp.as_file().sync_all()?;
+    if sync {
+        tmp.as_file().sync_all()?;
+    }
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
 }

@@ -85,6 +85,10 @@ impl PreparedImage {
     }
 }
 
+/// Version of the downscaling in [`DecodedImage::resized`]; part of every cache entry's name, so
+/// that a changed resampler never mixes with entries made by an older one.
+const RESAMPLER_VERSION: u32 = 2;
+
 /// The on-disk cache of prepared images. A missing or unwritable cache only costs time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DatasetCache {
@@ -134,7 +138,7 @@ impl DatasetCache {
     fn entry_path(&self, hash: &str, size_px: u32, mode: ColourMode) -> Option<PathBuf> {
         self.dir
             .as_ref()
-            .map(|d| d.join(format!("{hash}-{size_px}-{}.u8", mode.channels())))
+            .map(|d| d.join(format!("{hash}-{size_px}-{}-{RESAMPLER_VERSION}.u8", mode.channels())))
     }
 
     /// The cached pixels for this content hash, size and mode, if present and intact.
@@ -157,7 +161,8 @@ impl DatasetCache {
         if path.exists() {
             return;
         }
-        if let Err(e) = crate::engine::atomic_write(&path, &image.pixels) {
+        // A torn entry (power loss) has the wrong length and is ignored by `load`.
+        if let Err(e) = crate::engine::atomic_write_unsynced(&path, &image.pixels) {
             log::warn!("cannot write cache entry {}: {e}", path.display());
         }
     }

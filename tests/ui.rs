@@ -228,6 +228,28 @@ fn whole_flow_by_clicking_train_evaluate_and_flip_the_verdict() {
     assert_eq!(viewer.inspection.class_id(), 0);
     assert!(app.dirty);
 
+    // "Escapes ≤ target" at 10 %: the highest threshold that misses at most 10 % of the nok images.
+    let nok_scores: Vec<f32> = app
+        .project
+        .images
+        .iter()
+        .enumerate()
+        .filter(|(_, img)| img.role == ImageRole::TestNok)
+        .filter_map(|(i, _)| app.evaluation.scores.get(&i)?.as_ref().ok().copied())
+        .collect();
+    let expected = inkspect::engine::metrics::threshold_for_escape_rate(&nok_scores, 0.1).unwrap();
+    h.state_mut().evaluation.target_rate_pct = 10.0;
+    h.run();
+    h.get_by_label_contains("Escapes ≤ target").click();
+    h.run();
+    let t_escape = h.state().thresholds().unwrap();
+    assert_eq!(t_escape.classification, expected.threshold);
+    assert_eq!(expected.n_images, nok_scores.len());
+    h.get_by_role_and_label(Role::Slider, CLASSIFICATION_SLIDER)
+        .set_value_accesskit(f64::from(t.classification));
+    h.run();
+    let t = h.state().thresholds().unwrap();
+
     // Everything is in the project file: reopening restores images, model and thresholds.
     h.state_mut().send(Command::SaveProject);
     h.run();

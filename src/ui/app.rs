@@ -197,6 +197,8 @@ pub struct EvaluationState {
     pub inspecting: bool,
     /// Sort the list by score, highest first.
     pub sort_by_score: bool,
+    /// Target rate, percent, of the "false alarms ≤" and "escapes ≤" threshold choices.
+    pub target_rate_pct: f64,
     /// Viewer zoom/pan rectangle (egui Scene).
     pub scene_rect: egui::Rect,
 }
@@ -326,6 +328,7 @@ impl InkspectApp {
                 show_overlay: true,
                 inspecting: false,
                 sort_by_score: true,
+                target_rate_pct: 1.0,
                 scene_rect: egui::Rect::ZERO,
             },
             thumbnails: ThumbnailCache::new(ctx),

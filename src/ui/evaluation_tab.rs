@@ -9,7 +9,9 @@ use super::app::{Command, InkspectApp};
 use super::style;
 use crate::engine::dataset::import::ImageRole;
 use crate::engine::inference::{Class, Thresholds, classify};
-use crate::engine::metrics::{ConfusionMatrix, f1_best_threshold, threshold_for_false_alarm_rate};
+use crate::engine::metrics::{
+    ConfusionMatrix, f1_best_threshold, threshold_for_escape_rate, threshold_for_false_alarm_rate,
+};
 
 /// Label of the classification-threshold slider (tests find it by this name).
 pub const CLASSIFICATION_SLIDER: &str = "Classification threshold";
@@ -217,13 +219,47 @@ fn results(app: &mut InkspectApp, ui: &mut egui::Ui) {
         {
             app.send(Command::SetThresholds(Thresholds { classification: best, ..t }));
         }
-        if let Some(r) = threshold_for_false_alarm_rate(&good, 0.01)
+    });
+    // Threshold by a target rate, saying how many images the estimate rests on.
+    ui.horizontal_wrapped(|ui| {
+        ui.label("Target");
+        ui.add(
+            egui::DragValue::new(&mut app.evaluation.target_rate_pct)
+                .range(0.0..=50.0)
+                .speed(0.1)
+                .suffix(" %"),
+        )
+        .on_hover_text("Rate for the two choices beside it");
+        let (good, nok) = scores_by_truth(app);
+        let rate = app.evaluation.target_rate_pct / 100.0;
+        let rough = |n: usize, min: f64| {
+            if (n as f64) < min { " (few images: a rough estimate)" } else { "" }
+        };
+        if let Some(r) = threshold_for_false_alarm_rate(&good, rate)
             && ui
-                .button("≤1 % false alarms")
+                .button(format!("False alarms ≤ target ({} good)", r.n_images))
                 .on_hover_text(format!(
-                    "The lowest classification threshold that flags at most 1 % of the good test images                      (estimated from {} good images{})",
+                    "The lowest classification threshold that flags at most {:.1} % of the {} good \
+                     test images (achieved {:.1} %){}",
+                    100.0 * rate,
                     r.n_images,
-                    if r.n_images < 100 { "; with fewer than 100 the estimate is rough" } else { "" }
+                    100.0 * r.achieved_rate,
+                    rough(r.n_images, 1.0 / rate.max(1e-9) * 10.0)
+                ))
+                .clicked()
+        {
+            app.send(Command::SetThresholds(Thresholds { classification: r.threshold, ..t }));
+        }
+        if let Some(r) = threshold_for_escape_rate(&nok, rate)
+            && ui
+                .button(format!("Escapes ≤ target ({} nok)", r.n_images))
+                .on_hover_text(format!(
+                    "The highest classification threshold that misses at most {:.1} % of the {} nok \
+                     test images (achieved {:.1} %){}",
+                    100.0 * rate,
+                    r.n_images,
+                    100.0 * r.achieved_rate,
+                    rough(r.n_images, 1.0 / rate.max(1e-9) * 10.0)
                 ))
                 .clicked()
         {

@@ -431,8 +431,10 @@ impl Inspector {
             &self.device,
             self.header.error_stats.as_ref(),
         );
-        maps.into_iter()
-            .zip(images)
+        // Upsampling to full resolution and region extraction are per image: in parallel.
+        use rayon::prelude::*;
+        maps.into_par_iter()
+            .zip(images.par_iter())
             .map(|(small, img)| {
                 let score = small.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let values =

@@ -138,7 +138,10 @@ pub fn run(args: &BenchArgs, device: &ComputeDevice) -> Result<()> {
         &StopFlag::new(),
     )?;
     drop(tx);
-    let _ = rx.try_iter().filter(|e| matches!(e, TrainEvent::Finished { .. })).count();
+    let _ = rx
+        .try_iter()
+        .filter(|e| matches!(e, TrainEvent::Finished { .. }))
+        .count();
     let peak_training = peak_memory_bytes();
     let train_per_sec = summary.history[0].images_per_sec;
     let forward_gflop = forward_gflop_per_image(&spec, size);
@@ -151,13 +154,16 @@ pub fn run(args: &BenchArgs, device: &ComputeDevice) -> Result<()> {
     let prepared: Vec<PreparedImage> = camera_files
         .iter()
         .take(args.batch * 4)
-        .map(|p| {
-            decode_image(p).map(|d| PreparedImage::from_decoded(&d, size, ColourMode::Mono))
-        })
+        .map(|p| decode_image(p).map(|d| PreparedImage::from_decoded(&d, size, ColourMode::Mono)))
         .collect::<Result<_, _>>()?;
     let refs: Vec<&PreparedImage> = prepared.iter().collect();
     let network = inspector.network();
-    let _ = anomaly_maps_at_model_size(network, &refs[..args.batch.min(refs.len())], &device.device, None);
+    let _ = anomaly_maps_at_model_size(
+        network,
+        &refs[..args.batch.min(refs.len())],
+        &device.device,
+        None,
+    );
     let start = Instant::now();
     for chunk in refs.chunks(args.batch) {
         let _ = anomaly_maps_at_model_size(network, chunk, &device.device, None);
@@ -307,7 +313,8 @@ fn write_images(dir: &Path, n: usize, w: u32, h: u32) -> Result<Vec<PathBuf>> {
         .map(|i| {
             let img = image::GrayImage::from_fn(w, h, |x, y| {
                 let grid = if (x / 24 + y / 24) % 2 == 0 { 150 } else { 110 };
-                let noise = ((x.wrapping_mul(73) ^ y.wrapping_mul(151) ^ (i as u32 * 977)) % 23) as u8;
+                let noise =
+                    ((x.wrapping_mul(73) ^ y.wrapping_mul(151) ^ (i as u32 * 977)) % 23) as u8;
                 image::Luma([grid + noise])
             });
             let path = dir.join(format!("{i:04}.png"));

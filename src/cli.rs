@@ -21,8 +21,8 @@ use crate::engine::demo::{DemoSpec, write_demo_dataset};
 use crate::engine::device::{DevicePreference, select_device};
 use crate::engine::inference::{Class, Inspection, Inspector, Thresholds};
 use crate::engine::metrics::{
-    ConfusionMatrix, MapWithMask, pro_score, PixelRocAccumulator, RocCurve, auroc, f1_best_threshold, histogram, roc_curve,
-    threshold_for_false_alarm_rate,
+    ConfusionMatrix, MapWithMask, PixelRocAccumulator, RocCurve, auroc, f1_best_threshold,
+    histogram, pro_score, roc_curve, threshold_for_false_alarm_rate,
 };
 use crate::engine::model::Framework;
 use crate::engine::project::Project;
@@ -109,7 +109,10 @@ pub struct TrainArgs {
 
 impl TrainArgs {
     /// The settings to train with: flags given on the command line override `base`.
-    fn settings(&self, base: (DatasetSettings, TrainingSettings)) -> (DatasetSettings, TrainingSettings) {
+    fn settings(
+        &self,
+        base: (DatasetSettings, TrainingSettings),
+    ) -> (DatasetSettings, TrainingSettings) {
         let (d, t) = base;
         (
             DatasetSettings {
@@ -282,7 +285,10 @@ fn train(args: TrainArgs, device: DevicePreference) -> Result<()> {
         images: report.imported,
         dataset,
         training,
-        model_path: args.model.clone().expect("clap requires --model without --project"),
+        model_path: args
+            .model
+            .clone()
+            .expect("clap requires --model without --project"),
         cache,
         device: compute,
         resume: args.resume,
@@ -294,7 +300,10 @@ fn train(args: TrainArgs, device: DevicePreference) -> Result<()> {
 /// `inkspect train --project`: trains on the project's good training images with its settings
 /// (flags override them) and records the model in the project file.
 fn train_project(args: TrainArgs, device: DevicePreference) -> Result<()> {
-    let project_path = args.project.clone().expect("clap requires --data or --project");
+    let project_path = args
+        .project
+        .clone()
+        .expect("clap requires --data or --project");
     let project = Project::load(&project_path)?;
     let (dataset, training) = args.settings((project.dataset, project.training));
     let model_path = args
@@ -624,10 +633,7 @@ fn evaluate(
     let mut per_kind: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
     let start = Instant::now();
     let mut index = 0usize;
-    inspector.inspect_files(&paths, thresholds, batch_size, &mut |(
-        path,
-        result,
-    )| {
+    inspector.inspect_files(&paths, thresholds, batch_size, &mut |(path, result)| {
         let item = &items[index];
         index += 1;
         pb.inc(1);
@@ -739,7 +745,10 @@ fn bench_quality(args: BenchQualityArgs, device: DevicePreference) -> Result<()>
                 .filter(|p| is_mvtec_layout(p))
                 .collect();
             if found.is_empty() {
-                bail!("{}: no MVTec-layout category found (train/good and test/)", root.display());
+                bail!(
+                    "{}: no MVTec-layout category found (train/good and test/)",
+                    root.display()
+                );
             }
             found.sort();
             categories.extend(found);
@@ -808,7 +817,13 @@ fn bench_quality(args: BenchQualityArgs, device: DevicePreference) -> Result<()>
         eprintln!("{row}");
         rows.push(row);
     }
-    let mean = |s: f64, n: usize| if n > 0 { format!("{:.3}", s / n as f64) } else { "–".into() };
+    let mean = |s: f64, n: usize| {
+        if n > 0 {
+            format!("{:.3}", s / n as f64)
+        } else {
+            "–".into()
+        }
+    };
     rows.push(format!(
         "| **mean of {}** | | **{}** | **{}** | | |",
         categories.len(),

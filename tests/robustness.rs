@@ -70,7 +70,9 @@ fn encoded(img: &image::DynamicImage, format: image::ImageFormat) -> Vec<u8> {
 }
 
 fn grey(w: u32, h: u32, seed: u32) -> GrayImage {
-    GrayImage::from_fn(w, h, |x, y| Luma([((x * 7 + y * 13 + seed * 31) % 251) as u8]))
+    GrayImage::from_fn(w, h, |x, y| {
+        Luma([((x * 7 + y * 13 + seed * 31) % 251) as u8])
+    })
 }
 
 /// An 8-bit palette PNG (colour type 3).
@@ -106,10 +108,13 @@ fn rotated_jpeg(w: u16, h: u16) -> Vec<u8> {
     exif.extend_from_slice(&[0x12, 0x01, 3, 0, 1, 0, 0, 0, 6, 0, 0, 0]);
     exif.extend_from_slice(&[0, 0, 0, 0]);
     let mut out = Vec::new();
-    let data: Vec<u8> = (0..u32::from(w) * u32::from(h)).map(|i| (i % 256) as u8).collect();
+    let data: Vec<u8> = (0..u32::from(w) * u32::from(h))
+        .map(|i| (i % 256) as u8)
+        .collect();
     let mut enc = jpeg_encoder::Encoder::new(&mut out, 90);
     enc.add_app_segment(1, &exif).unwrap();
-    enc.encode(&data, w, h, jpeg_encoder::ColorType::Luma).unwrap();
+    enc.encode(&data, w, h, jpeg_encoder::ColorType::Luma)
+        .unwrap();
     out
 }
 
@@ -122,7 +127,10 @@ fn write_bad_folder(dir: &Path) -> (Vec<&'static str>, Vec<&'static str>) {
     let png = encoded(&g, Png);
     let jpg = encoded(&g, Jpeg);
     let tif = encoded(&g, Tiff);
-    w("text pretending.png", b"this is a text file, not an image\n");
+    w(
+        "text pretending.png",
+        b"this is a text file, not an image\n",
+    );
     w("zero bytes.jpg", b"");
     w("truncated.png", &png[..png.len() / 2]);
     w("truncated.jpg", &jpg[..jpg.len() / 3]);
@@ -133,17 +141,38 @@ fn write_bad_folder(dir: &Path) -> (Vec<&'static str>, Vec<&'static str>) {
     // Good but unusual.
     w("good.png", &png);
     w("zz copy of good.png", &png);
-    let deep = ImageBuffer::<Luma<u16>, _>::from_fn(40, 40, |x, y| Luma([(x * 1500 + y * 7) as u16]));
-    w("sixteen bit.png", &encoded(&image::DynamicImage::ImageLuma16(deep), Png));
+    let deep =
+        ImageBuffer::<Luma<u16>, _>::from_fn(40, 40, |x, y| Luma([(x * 1500 + y * 7) as u16]));
+    w(
+        "sixteen bit.png",
+        &encoded(&image::DynamicImage::ImageLuma16(deep), Png),
+    );
     w("palette.png", &palette_png(40, 40));
-    let rgba = RgbaImage::from_fn(40, 40, |x, y| image::Rgba([x as u8 * 6, y as u8 * 6, 90, 128]));
-    w("alpha.png", &encoded(&image::DynamicImage::ImageRgba8(rgba), Png));
+    let rgba = RgbaImage::from_fn(40, 40, |x, y| {
+        image::Rgba([x as u8 * 6, y as u8 * 6, 90, 128])
+    });
+    w(
+        "alpha.png",
+        &encoded(&image::DynamicImage::ImageRgba8(rgba), Png),
+    );
     let ga = GrayAlphaImage::from_fn(40, 40, |x, _| image::LumaA([x as u8 * 6, 200]));
-    w("grey alpha.png", &encoded(&image::DynamicImage::ImageLumaA8(ga), Png));
+    w(
+        "grey alpha.png",
+        &encoded(&image::DynamicImage::ImageLumaA8(ga), Png),
+    );
     w("cmyk.jpg", &cmyk_jpeg(40, 32));
     w("rotated.jpg", &rotated_jpeg(64, 40));
-    w("tiny.bmp", &encoded(&image::DynamicImage::ImageLuma8(grey(6, 5, 3)), image::ImageFormat::Bmp));
-    w("ünïcödé – name 画像.tif", &encoded(&image::DynamicImage::ImageLuma8(grey(40, 40, 9)), Tiff));
+    w(
+        "tiny.bmp",
+        &encoded(
+            &image::DynamicImage::ImageLuma8(grey(6, 5, 3)),
+            image::ImageFormat::Bmp,
+        ),
+    );
+    w(
+        "ünïcödé – name 画像.tif",
+        &encoded(&image::DynamicImage::ImageLuma8(grey(40, 40, 9)), Tiff),
+    );
     (
         vec![
             "text pretending.png",
@@ -197,25 +226,45 @@ fn every_bad_file_is_reported_by_name_and_every_unusual_good_one_imported() {
     }
     assert_eq!(report.failures.len(), bad.len(), "{reasons:?}");
     let bomb = reasons.iter().find(|r| r.contains("bomb.png")).unwrap();
-    assert!(bomb.contains("too large") && bomb.contains(&MAX_IMAGE_PIXELS.to_string()), "{bomb}");
-    assert!(reasons.iter().any(|r| r.contains("zero bytes.jpg") && r.contains("empty")));
+    assert!(
+        bomb.contains("too large") && bomb.contains(&MAX_IMAGE_PIXELS.to_string()),
+        "{bomb}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("zero bytes.jpg") && r.contains("empty"))
+    );
     let imported: Vec<String> = report
         .imported
         .iter()
         .map(|i| i.path.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
     for name in &good {
-        assert!(imported.contains(&name.to_string()), "{name} not imported: {imported:?}");
+        assert!(
+            imported.contains(&name.to_string()),
+            "{name} not imported: {imported:?}"
+        );
     }
     assert_eq!(report.duplicates.len(), 1, "the copy has the same content");
-    let by_name = |n: &str| report.imported.iter().find(|i| i.path.ends_with(n)).unwrap();
+    let by_name = |n: &str| {
+        report
+            .imported
+            .iter()
+            .find(|i| i.path.ends_with(n))
+            .unwrap()
+    };
     assert_eq!(by_name("sixteen bit.png").mode, ColourMode::Mono);
     assert_eq!(by_name("grey alpha.png").mode, ColourMode::Mono);
     assert_eq!(by_name("palette.png").mode, ColourMode::Colour);
     assert_eq!(by_name("alpha.png").mode, ColourMode::Colour);
     assert_eq!(by_name("cmyk.jpg").mode, ColourMode::Colour);
     let rotated = by_name("rotated.jpg");
-    assert_eq!((rotated.width, rotated.height), (40, 64), "EXIF orientation applied");
+    assert_eq!(
+        (rotated.width, rotated.height),
+        (40, 64),
+        "EXIF orientation applied"
+    );
     assert_eq!(report.enlarged.len(), 1, "{:?}", report.enlarged);
     assert!(report.enlarged[0].ends_with("tiny.bmp"));
     // 16-bit data keeps its range when scaled to 8 bits.
@@ -229,7 +278,10 @@ fn unreadable_files_are_reported_by_name() {
     let file = dir.path().join("locked.png");
     std::fs::write(
         &file,
-        encoded(&image::DynamicImage::ImageLuma8(grey(16, 16, 2)), image::ImageFormat::Png),
+        encoded(
+            &image::DynamicImage::ImageLuma8(grey(16, 16, 2)),
+            image::ImageFormat::Png,
+        ),
     )
     .unwrap();
     #[cfg(unix)]
@@ -251,7 +303,11 @@ fn unreadable_files_are_reported_by_name() {
     let folder = dir.path().join("folder.png");
     std::fs::create_dir_all(&folder).unwrap();
     let report = import(vec![folder], &DatasetCache::disabled(), 32);
-    assert!(report.failures[0].reason.contains("folder.png"), "{:?}", report.failures);
+    assert!(
+        report.failures[0].reason.contains("folder.png"),
+        "{:?}",
+        report.failures
+    );
     // A path that vanished between listing and reading.
     let gone = dir.path().join("gone.png");
     let report = import(vec![gone], &DatasetCache::disabled(), 32);
@@ -265,8 +321,11 @@ fn a_folder_of_10000_files_imports_with_progress_and_cancels_promptly() {
     std::fs::create_dir_all(&folder).unwrap();
     for i in 0..10_000u32 {
         let img = image::DynamicImage::ImageLuma8(grey(8, 8, i));
-        std::fs::write(folder.join(format!("{i:05}.png")), encoded(&img, image::ImageFormat::Png))
-            .unwrap();
+        std::fs::write(
+            folder.join(format!("{i:05}.png")),
+            encoded(&img, image::ImageFormat::Png),
+        )
+        .unwrap();
     }
     let (files, _) = collect_image_files(&[folder]);
     assert_eq!(files.len(), 10_000);
@@ -300,16 +359,19 @@ fn a_folder_of_10000_files_imports_with_progress_and_cancels_promptly() {
     );
     assert!(report.cancelled);
     let handled = report.imported.len() + report.duplicates.len() + report.failures.len();
-    assert!(handled < 1_000, "cancel stops within a few files per thread, not {handled}");
+    assert!(
+        handled < 1_000,
+        "cancel stops within a few files per thread, not {handled}"
+    );
 }
 
 #[test]
 fn mono_images_in_a_colour_dataset_become_three_equal_channels() {
     let mode = ColourMode::for_dataset([ColourMode::Mono, ColourMode::Colour]);
     assert_eq!(mode, ColourMode::Colour);
-    let g = inkspect::engine::dataset::decode::from_dynamic(image::DynamicImage::ImageLuma8(
-        grey(20, 20, 4),
-    ));
+    let g = inkspect::engine::dataset::decode::from_dynamic(image::DynamicImage::ImageLuma8(grey(
+        20, 20, 4,
+    )));
     let planar = g.resize_planar(16, mode);
     let plane = 16 * 16;
     assert_eq!(planar.len(), 3 * plane);
@@ -340,9 +402,15 @@ fn a_damaged_project_is_a_clear_error_and_its_backup_opens() {
     let backup = Project::load(&dir.path().join("line 3 – dies.inkspect.bak")).unwrap();
     assert_eq!(backup.name, "first");
     std::fs::write(&file, b"").unwrap();
-    assert!(matches!(Project::load(&file), Err(ProjectError::Invalid { .. })));
+    assert!(matches!(
+        Project::load(&file),
+        Err(ProjectError::Invalid { .. })
+    ));
     std::fs::write(&file, [0xff, 0xfe, 0x00, 0x01]).unwrap();
-    assert!(matches!(Project::load(&file), Err(ProjectError::Invalid { .. })));
+    assert!(matches!(
+        Project::load(&file),
+        Err(ProjectError::Invalid { .. })
+    ));
     std::fs::write(&file, br#"{"format_version": 7}"#).unwrap();
     let e = Project::load(&file).unwrap_err();
     assert!(e.to_string().contains("update Inkspect"), "{e}");
@@ -416,13 +484,21 @@ fn damaged_model_files_are_clear_errors_never_panics() {
         b
     })
     .unwrap();
-    assert!(ModelFile::load(&bad, &device).unwrap_err().to_string().contains("update Inkspect"));
+    assert!(
+        ModelFile::load(&bad, &device)
+            .unwrap_err()
+            .to_string()
+            .contains("update Inkspect")
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
 // Training
 
-fn run(req: TrainRequest, stop_after_epoch: Option<u32>) -> (Result<(), TrainError>, Vec<TrainEvent>) {
+fn run(
+    req: TrainRequest,
+    stop_after_epoch: Option<u32>,
+) -> (Result<(), TrainError>, Vec<TrainEvent>) {
     let handle = spawn_training(req);
     let mut events = Vec::new();
     for e in handle.events.iter() {
@@ -450,7 +526,10 @@ fn an_interrupted_training_resumes_to_the_same_result_and_mismatches_are_refused
     };
     let (r, _) = run(straight.clone(), None);
     r.unwrap();
-    assert!(!checkpoint_path(&straight.model_path).exists(), "removed once the model is written");
+    assert!(
+        !checkpoint_path(&straight.model_path).exists(),
+        "removed once the model is written"
+    );
     let straight_header = ModelFile::read_header(&straight.model_path).unwrap();
 
     let interrupted = TrainRequest {
@@ -459,8 +538,14 @@ fn an_interrupted_training_resumes_to_the_same_result_and_mismatches_are_refused
     };
     let ckpt = checkpoint_path(&interrupted.model_path);
     let (r, _) = run(interrupted.clone(), Some(1));
-    assert!(matches!(r, Err(TrainError::Cancelled { epochs_done: 1 })), "{r:?}");
-    assert!(!interrupted.model_path.exists(), "no model from a cancelled run");
+    assert!(
+        matches!(r, Err(TrainError::Cancelled { epochs_done: 1 })),
+        "{r:?}"
+    );
+    assert!(
+        !interrupted.model_path.exists(),
+        "no model from a cancelled run"
+    );
     assert_eq!(Checkpoint::read_header(&ckpt).unwrap().epochs_done, 1);
 
     // Another network shape or other images: refused, checkpoint kept.
@@ -473,7 +558,10 @@ fn an_interrupted_training_resumes_to_the_same_result_and_mismatches_are_refused
         ..interrupted.clone()
     };
     let (r, _) = run(other_shape, None);
-    assert!(matches!(r, Err(TrainError::CheckpointMismatch { .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(TrainError::CheckpointMismatch { .. })),
+        "{r:?}"
+    );
     let mut fewer = interrupted.clone();
     fewer.resume = true;
     fewer.images.pop();
@@ -499,9 +587,20 @@ fn an_interrupted_training_resumes_to_the_same_result_and_mismatches_are_refused
     assert_eq!(epochs, vec![2, 3], "only the missing epochs run");
     let resumed = ModelFile::read_header(&interrupted.model_path).unwrap();
     assert_eq!(resumed.training.history.len(), 3);
-    for (a, b) in straight_header.training.history.iter().zip(&resumed.training.history) {
+    for (a, b) in straight_header
+        .training
+        .history
+        .iter()
+        .zip(&resumed.training.history)
+    {
         let rel = (a.train_loss - b.train_loss).abs() / a.train_loss;
-        assert!(rel < 1e-3, "epoch {}: {} vs {}", a.epoch, a.train_loss, b.train_loss);
+        assert!(
+            rel < 1e-3,
+            "epoch {}: {} vs {}",
+            a.epoch,
+            a.train_loss,
+            b.train_loss
+        );
     }
     assert!(!ckpt.exists());
     let (r, _) = run(
@@ -542,8 +641,16 @@ fn diverging_oversized_and_concurrent_trainings_are_refused_with_a_message() {
     let e = r.unwrap_err();
     assert!(matches!(e, TrainError::Diverged { .. }), "{e}");
     assert!(e.to_string().contains("lower the learning rate"), "{e}");
-    assert!(events.iter().any(|e| matches!(e, TrainEvent::Failed { .. })));
-    assert_eq!(std::fs::read(&model).unwrap(), bytes, "the previous model is untouched");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, TrainEvent::Failed { .. }))
+    );
+    assert_eq!(
+        std::fs::read(&model).unwrap(),
+        bytes,
+        "the previous model is untouched"
+    );
 
     let oversized = TrainRequest {
         memory_budget_bytes: Some(64 * 1024 * 1024),
@@ -552,7 +659,10 @@ fn diverging_oversized_and_concurrent_trainings_are_refused_with_a_message() {
     let (r, _) = run(oversized, None);
     let e = r.unwrap_err();
     assert!(matches!(e, TrainError::NotEnoughMemory { .. }), "{e}");
-    assert!(e.to_string().contains("GiB") && e.to_string().contains("lower"), "{e}");
+    assert!(
+        e.to_string().contains("GiB") && e.to_string().contains("lower"),
+        "{e}"
+    );
 
     // While one training runs, a second one of the same model is refused.
     let long = TrainRequest {
@@ -587,7 +697,9 @@ fn the_memory_estimate_grows_with_size_batch_and_images() {
     let spec = autoencoder_spec_for(20, 1);
     let base = estimate_training_memory(&spec, 320, 8, 400);
     assert!(estimate_training_memory(&spec, 640, 8, 400).total_bytes > 3 * base.total_bytes / 2);
-    assert!(estimate_training_memory(&spec, 320, 16, 400).activations_bytes > base.activations_bytes);
+    assert!(
+        estimate_training_memory(&spec, 320, 16, 400).activations_bytes > base.activations_bytes
+    );
     assert!(estimate_training_memory(&spec, 320, 8, 4000).images_bytes == 10 * base.images_bytes);
     assert!(base.total_bytes < 2 * 1024 * 1024 * 1024, "{base:?}");
 }
@@ -629,8 +741,14 @@ fn a_training_killed_with_sigkill_leaves_everything_intact_and_resumes() {
         {
             break h.epochs_done;
         }
-        assert!(start.elapsed() < Duration::from_secs(300), "no checkpoint appeared");
-        assert!(child.try_wait().unwrap().is_none(), "the training ended early");
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the training ended early"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     // Mid-epoch, then SIGKILL.
@@ -639,8 +757,16 @@ fn a_training_killed_with_sigkill_leaves_everything_intact_and_resumes() {
     let status = child.wait().unwrap();
     assert!(!status.success());
 
-    assert_eq!(std::fs::read(&project_file).unwrap(), project_bytes, "project untouched");
-    assert_eq!(std::fs::read(&model).unwrap(), model_bytes, "previous model untouched");
+    assert_eq!(
+        std::fs::read(&project_file).unwrap(),
+        project_bytes,
+        "project untouched"
+    );
+    assert_eq!(
+        std::fs::read(&model).unwrap(),
+        model_bytes,
+        "previous model untouched"
+    );
     let reopened = Project::load(&project_file).unwrap();
     assert_eq!(reopened.images.len(), base.images.len());
     assert!(ModelFile::load(&model, &cpu_device().device).is_ok());
@@ -648,9 +774,16 @@ fn a_training_killed_with_sigkill_leaves_everything_intact_and_resumes() {
     assert!(ckpt_epochs >= epochs_before_kill);
 
     let target = (ckpt_epochs + 1).to_string();
-    let out = inkspect(&["train", "--project", project_arg, "--resume", "--epochs", &target])
-        .output()
-        .unwrap();
+    let out = inkspect(&[
+        "train",
+        "--project",
+        project_arg,
+        "--resume",
+        "--epochs",
+        &target,
+    ])
+    .output()
+    .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("resuming"), "{stderr}");
@@ -659,7 +792,10 @@ fn a_training_killed_with_sigkill_leaves_everything_intact_and_resumes() {
     assert!(!ckpt.exists());
     let mut lock = model.as_os_str().to_owned();
     lock.push(".lock");
-    assert!(!Path::new(&lock).exists(), "the lock file is removed after a clean run");
+    assert!(
+        !Path::new(&lock).exists(),
+        "the lock file is removed after a clean run"
+    );
     let summary: serde_json::Value =
         serde_json::from_slice(out.stdout.split(|&b| b == b'\n').next().unwrap()).unwrap();
     assert_eq!(summary["epochs_run"], ckpt_epochs + 1);

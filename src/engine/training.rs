@@ -516,7 +516,8 @@ fn run(
     let train_start = Instant::now();
     let mut stop_reason = StopReason::MaxEpochs;
     let mut images_done_total = 0usize;
-    let images_planned = settings.max_epochs.saturating_sub(first_epoch - 1) as usize * train_set.len();
+    let images_planned =
+        settings.max_epochs.saturating_sub(first_epoch - 1) as usize * train_set.len();
     for epoch in first_epoch..=settings.max_epochs {
         // Seeded per epoch, so a resumed run shuffles as the uninterrupted one would have.
         let mut rng =
@@ -782,7 +783,13 @@ pub fn estimate_training_memory(
         outputs += w as u64 * area(i + 1);
     }
     outputs += (spec.latent_channels as u64 + deepest) * area(levels);
-    let mut decoder_outs: Vec<u64> = spec.widths.iter().rev().skip(1).map(|&w| w as u64).collect();
+    let mut decoder_outs: Vec<u64> = spec
+        .widths
+        .iter()
+        .rev()
+        .skip(1)
+        .map(|&w| w as u64)
+        .collect();
     decoder_outs.push(spec.channels as u64);
     for (j, &c_out) in decoder_outs.iter().enumerate() {
         outputs += c_out * area(levels - 1 - j);

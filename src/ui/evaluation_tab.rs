@@ -232,38 +232,43 @@ fn results(app: &mut InkspectApp, ui: &mut egui::Ui) {
         .on_hover_text("Rate for the two choices beside it");
         let (good, nok) = scores_by_truth(app);
         let rate = app.evaluation.target_rate_pct / 100.0;
-        let rough = |n: usize, min: f64| {
-            if (n as f64) < min { " (few images: a rough estimate)" } else { "" }
-        };
-        if let Some(r) = threshold_for_false_alarm_rate(&good, rate)
-            && ui
-                .button(format!("False alarms ≤ target ({} good)", r.n_images))
+        let choices = [
+            (
+                "False alarms",
+                "good",
+                "flags",
+                threshold_for_false_alarm_rate(&good, rate),
+            ),
+            (
+                "Escapes",
+                "nok",
+                "misses",
+                threshold_for_escape_rate(&nok, rate),
+            ),
+        ];
+        for (what, images, verb, choice) in choices {
+            let Some(r) = choice else { continue };
+            let rough = if (r.n_images as f64) < 10.0 / rate.max(1e-9) {
+                " (few images: a rough estimate)"
+            } else {
+                ""
+            };
+            if ui
+                .button(format!("{what} ≤ target ({} {images})", r.n_images))
                 .on_hover_text(format!(
-                    "The lowest classification threshold that flags at most {:.1} % of the {} good \
-                     test images (achieved {:.1} %){}",
+                    "The classification threshold that {verb} at most {:.1} % of the {} {images} \
+                     test images (achieved {:.1} %){rough}",
                     100.0 * rate,
                     r.n_images,
                     100.0 * r.achieved_rate,
-                    rough(r.n_images, 1.0 / rate.max(1e-9) * 10.0)
                 ))
                 .clicked()
-        {
-            app.send(Command::SetThresholds(Thresholds { classification: r.threshold, ..t }));
-        }
-        if let Some(r) = threshold_for_escape_rate(&nok, rate)
-            && ui
-                .button(format!("Escapes ≤ target ({} nok)", r.n_images))
-                .on_hover_text(format!(
-                    "The highest classification threshold that misses at most {:.1} % of the {} nok \
-                     test images (achieved {:.1} %){}",
-                    100.0 * rate,
-                    r.n_images,
-                    100.0 * r.achieved_rate,
-                    rough(r.n_images, 1.0 / rate.max(1e-9) * 10.0)
-                ))
-                .clicked()
-        {
-            app.send(Command::SetThresholds(Thresholds { classification: r.threshold, ..t }));
+            {
+                app.send(Command::SetThresholds(Thresholds {
+                    classification: r.threshold,
+                    ..t
+                }));
+            }
         }
     });
     ui.separator();
@@ -416,11 +421,7 @@ fn summary(app: &InkspectApp, ui: &mut egui::Ui, t: Thresholds) {
             );
         });
     if let Some(roc) = crate::engine::metrics::roc_curve(&good, &nok) {
-        let curve: Vec<[f64; 2]> = roc
-            .points
-            .iter()
-            .map(|p| [p.fpr, p.tpr])
-            .collect();
+        let curve: Vec<[f64; 2]> = roc.points.iter().map(|p| [p.fpr, p.tpr]).collect();
         let here = [
             cm.false_alarm_rate().unwrap_or(0.0),
             cm.recall().unwrap_or(0.0),

@@ -289,13 +289,18 @@ impl DecodedImage {
         let (w, h) = (source.width, source.height);
         let pixels = match self.mode {
             ColourMode::Mono => {
-                let buf = image::ImageBuffer::<image::Luma<u8>, &[u8]>::from_raw(w, h, &source.pixels[..])
-                    .expect("pixel buffer length matches the dimensions");
+                let buf = image::ImageBuffer::<image::Luma<u8>, &[u8]>::from_raw(
+                    w,
+                    h,
+                    &source.pixels[..],
+                )
+                .expect("pixel buffer length matches the dimensions");
                 image::imageops::resize(&buf, size, size, filter).into_raw()
             }
             ColourMode::Colour => {
-                let buf = image::ImageBuffer::<image::Rgb<u8>, &[u8]>::from_raw(w, h, &source.pixels[..])
-                    .expect("pixel buffer length matches the dimensions");
+                let buf =
+                    image::ImageBuffer::<image::Rgb<u8>, &[u8]>::from_raw(w, h, &source.pixels[..])
+                        .expect("pixel buffer length matches the dimensions");
                 image::imageops::resize(&buf, size, size, filter).into_raw()
             }
         };
@@ -321,7 +326,9 @@ impl DecodedImage {
                 for c in 0..ch {
                     let a = 2 * x * ch + c;
                     let b = a + ch;
-                    let sum = u16::from(top[a]) + u16::from(top[b]) + u16::from(bottom[a])
+                    let sum = u16::from(top[a])
+                        + u16::from(top[b])
+                        + u16::from(bottom[a])
                         + u16::from(bottom[b]);
                     out_row[x * ch + c] = ((sum + 2) / 4) as u8;
                 }
@@ -430,10 +437,18 @@ mod tests {
         });
         let d = from_dynamic(DynamicImage::ImageLuma8(board));
         let small = d.resized(16);
-        assert_eq!((small.width, small.height, small.pixels.len()), (16, 16, 256));
-        assert!(small.pixels.iter().all(|&v| (120..=135).contains(&v)), "{:?}", small.pixels);
+        assert_eq!(
+            (small.width, small.height, small.pixels.len()),
+            (16, 16, 256)
+        );
+        assert!(
+            small.pixels.iter().all(|&v| (120..=135).contains(&v)),
+            "{:?}",
+            small.pixels
+        );
         // A left-to-right ramp stays a ramp.
-        let ramp = image::RgbImage::from_fn(200, 90, |x, _| image::Rgb([x as u8, 0, 255 - x as u8]));
+        let ramp =
+            image::RgbImage::from_fn(200, 90, |x, _| image::Rgb([x as u8, 0, 255 - x as u8]));
         let r = from_dynamic(DynamicImage::ImageRgb8(ramp)).resized(20);
         let red: Vec<u8> = (0..20).map(|x| r.pixels[3 * x]).collect();
         assert!(red.windows(2).all(|w| w[1] > w[0]), "{red:?}");

@@ -136,9 +136,12 @@ impl DatasetCache {
     }
 
     fn entry_path(&self, hash: &str, size_px: u32, mode: ColourMode) -> Option<PathBuf> {
-        self.dir
-            .as_ref()
-            .map(|d| d.join(format!("{hash}-{size_px}-{}-{RESAMPLER_VERSION}.u8", mode.channels())))
+        self.dir.as_ref().map(|d| {
+            d.join(format!(
+                "{hash}-{size_px}-{}-{RESAMPLER_VERSION}.u8",
+                mode.channels()
+            ))
+        })
     }
 
     /// The cached pixels for this content hash, size and mode, if present and intact.

@@ -11,7 +11,8 @@ use burn::tensor::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::file::{
-    decode_container, encode_container, network_bytes, network_from_bytes, parse_header, read_file,
+    decode_container, network_from_bytes, parse_header, read_container_header, read_file,
+    save_container,
 };
 use super::{AutoencoderSpec, ConvAutoencoder, Framework, ModelFileError};
 use crate::engine::dataset::decode::ColourMode;
@@ -84,28 +85,19 @@ impl Checkpoint {
 
     /// Writes the checkpoint atomically.
     pub fn save(&self, path: &Path) -> Result<(), ModelFileError> {
-        let corrupt = |reason: String| ModelFileError::Corrupt {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let header = serde_json::to_vec_pretty(&self.header).map_err(|e| corrupt(e.to_string()))?;
-        let weights = network_bytes(&self.network).map_err(corrupt)?;
-        let out = encode_container(
+        save_container(
+            path,
             MAGIC,
             CHECKPOINT_FORMAT_VERSION,
-            &[&header, &weights, &self.optimizer_state],
-        );
-        crate::engine::atomic_write(path, &out).map_err(|source| ModelFileError::Io {
-            path: path.to_path_buf(),
-            source,
-        })
+            &self.header,
+            &self.network,
+            &[&self.optimizer_state],
+        )
     }
 
     /// Reads only the header.
     pub fn read_header(path: &Path) -> Result<CheckpointHeader, ModelFileError> {
-        let bytes = read_file(path)?;
-        let sections = decode_container(&bytes, MAGIC, CHECKPOINT_FORMAT_VERSION, 3, path)?;
-        parse_header(sections[0], path)
+        read_container_header(path, MAGIC, CHECKPOINT_FORMAT_VERSION, 3)
     }
 
     /// Loads a checkpoint onto `device` (an autodiff device to continue training).

@@ -98,24 +98,19 @@ pub enum ModelFileError {
 impl ModelFile {
     /// Writes the model file atomically (a crash leaves the previous file intact).
     pub fn save(&self, path: &Path) -> Result<(), ModelFileError> {
-        let corrupt = |reason: String| ModelFileError::Corrupt {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let header = serde_json::to_vec_pretty(&self.header).map_err(|e| corrupt(e.to_string()))?;
-        let weights = network_bytes(&self.network).map_err(corrupt)?;
-        let out = encode_container(MAGIC, MODEL_FORMAT_VERSION, &[&header, &weights]);
-        crate::engine::atomic_write(path, &out).map_err(|source| ModelFileError::Io {
-            path: path.to_path_buf(),
-            source,
-        })
+        save_container(
+            path,
+            MAGIC,
+            MODEL_FORMAT_VERSION,
+            &self.header,
+            &self.network,
+            &[],
+        )
     }
 
     /// Reads only the header (fast; no weights are loaded).
     pub fn read_header(path: &Path) -> Result<ModelHeader, ModelFileError> {
-        let bytes = read_file(path)?;
-        let sections = decode_container(&bytes, MAGIC, MODEL_FORMAT_VERSION, 2, path)?;
-        parse_header(sections[0], path)
+        read_container_header(path, MAGIC, MODEL_FORMAT_VERSION, 2)
     }
 
     /// Loads a model file onto `device` (inference device; call on an autodiff device to keep
@@ -126,12 +121,53 @@ impl ModelFile {
     }
 
     /// Parses the bytes of a model file; `path` is only used in error messages.
-    pub fn from_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<ModelFile, ModelFileError> {
+    pub fn from_bytes(
+        bytes: &[u8],
+        path: &Path,
+        device: &Device,
+    ) -> Result<ModelFile, ModelFileError> {
         let sections = decode_container(bytes, MAGIC, MODEL_FORMAT_VERSION, 2, path)?;
         let header: ModelHeader = parse_header(sections[0], path)?;
         let network = network_from_bytes(&header.autoencoder, sections[1], device, path)?;
         Ok(ModelFile { header, network })
     }
+}
+
+/// Writes a container atomically: `header` as JSON, the weights of `network`, then `extra`
+/// sections.
+pub(crate) fn save_container<H: Serialize>(
+    path: &Path,
+    magic: &[u8; 16],
+    version: u32,
+    header: &H,
+    network: &ConvAutoencoder,
+    extra: &[&[u8]],
+) -> Result<(), ModelFileError> {
+    let corrupt = |reason: String| ModelFileError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let header = serde_json::to_vec_pretty(header).map_err(|e| corrupt(e.to_string()))?;
+    let weights = network_bytes(network).map_err(corrupt)?;
+    let mut sections: Vec<&[u8]> = vec![&header, &weights];
+    sections.extend_from_slice(extra);
+    let out = encode_container(magic, version, &sections);
+    crate::engine::atomic_write(path, &out).map_err(|source| ModelFileError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Reads only the JSON header of a container file with `n_sections` sections.
+pub(crate) fn read_container_header<H: serde::de::DeserializeOwned>(
+    path: &Path,
+    magic: &[u8; 16],
+    version: u32,
+    n_sections: usize,
+) -> Result<H, ModelFileError> {
+    let bytes = read_file(path)?;
+    let sections = decode_container(&bytes, magic, version, n_sections, path)?;
+    parse_header(sections[0], path)
 }
 
 /// The weights of `network` as burnpack bytes.
@@ -228,7 +264,9 @@ pub(crate) fn decode_container<'a>(
         });
     }
     let u64_at = |at: usize| -> Option<u64> {
-        Some(u64::from_le_bytes(bytes.get(at..at.checked_add(8)?)?.try_into().ok()?))
+        Some(u64::from_le_bytes(
+            bytes.get(at..at.checked_add(8)?)?.try_into().ok()?,
+        ))
     };
     let version = bytes
         .get(16..20)

@@ -36,4 +36,3 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
-

@@ -436,7 +436,12 @@ fn summary(app: &InkspectApp, ui: &mut egui::Ui, t: Thresholds) {
             .x_axis_label("false-alarm rate")
             .y_axis_label("nok found")
             .show(ui, |plot| {
-                plot.line(Line::new("ROC", PlotPoints::new(curve)).color(style::NOK));
+                // No banding: an ROC curve has runs of points at one x (vertical steps).
+                plot.line(
+                    Line::new("ROC", PlotPoints::new(curve))
+                        .color(style::NOK)
+                        .allow_band(false),
+                );
                 plot.points(
                     Points::new("at the thresholds", vec![here])
                         .radius(4.0)

@@ -1003,7 +1003,17 @@ pub fn demo_project() -> Result<PathBuf> {
         image_size_px: DemoSpec::default().size_px,
         complexity: DatasetSettings::default().complexity,
     };
-    project.model_path = bundled_demo_model();
+    // A copy of the bundled model, so that training in the demo project never rewrites the file
+    // shipped with the sources.
+    project.model_path = match bundled_demo_model() {
+        Some(bundled) => {
+            let copy = root.join("demo.ink");
+            std::fs::copy(&bundled, &copy)
+                .with_context(|| format!("cannot copy {} to {}", bundled.display(), copy.display()))?;
+            Some(copy)
+        }
+        None => None,
+    };
     project.save(&file)?;
     Ok(file)
 }

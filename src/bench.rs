@@ -22,9 +22,7 @@ use crate::engine::dataset::prepare::{DatasetCache, DatasetSettings, PreparedIma
 use crate::engine::device::ComputeDevice;
 use crate::engine::inference::{Inspector, anomaly_maps_at_model_size};
 use crate::engine::model::{AutoencoderSpec, Framework, autoencoder_spec_for};
-use crate::engine::training::{
-    TrainEvent, TrainRequest, TrainingSettings, estimate_training_memory, train,
-};
+use crate::engine::training::{TrainRequest, TrainingSettings, estimate_training_memory, train};
 
 /// What to measure.
 #[derive(Debug, Clone, clap::Args)]
@@ -114,6 +112,7 @@ pub fn run(args: &BenchArgs, device: &ComputeDevice) -> Result<()> {
     let model_path = work.path().join("bench.ink");
     reset_peak_memory();
     let memory_before = peak_memory_bytes();
+    // Room for every event of one epoch, so the training never waits on this unread channel.
     let (tx, rx) = std::sync::mpsc::sync_channel(100_000);
     let summary = train(
         TrainRequest {
@@ -138,10 +137,7 @@ pub fn run(args: &BenchArgs, device: &ComputeDevice) -> Result<()> {
         &StopFlag::new(),
     )?;
     drop(tx);
-    let _ = rx
-        .try_iter()
-        .filter(|e| matches!(e, TrainEvent::Finished { .. }))
-        .count();
+    drop(rx); // Progress events are not needed here; the summary has the epoch's figures.
     let peak_training = peak_memory_bytes();
     let train_per_sec = summary.history[0].images_per_sec;
     let forward_gflop = forward_gflop_per_image(&spec, size);

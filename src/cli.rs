@@ -1008,8 +1008,9 @@ pub fn demo_project() -> Result<PathBuf> {
     project.model_path = match bundled_demo_model() {
         Some(bundled) => {
             let copy = root.join("demo.ink");
-            std::fs::copy(&bundled, &copy)
-                .with_context(|| format!("cannot copy {} to {}", bundled.display(), copy.display()))?;
+            std::fs::copy(&bundled, &copy).with_context(|| {
+                format!("cannot copy {} to {}", bundled.display(), copy.display())
+            })?;
             Some(copy)
         }
         None => None,

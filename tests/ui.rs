@@ -429,3 +429,45 @@ fn bench_thousand_large_images_on_the_dataset_tab() {
         start.elapsed().as_secs_f64()
     );
 }
+
+#[test]
+fn importing_a_folder_with_bad_files_lists_each_by_name_and_keeps_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("camera dump");
+    std::fs::create_dir_all(&folder).unwrap();
+    let good = image::GrayImage::from_fn(40, 30, |x, y| image::Luma([(x * 5 + y * 3) as u8]));
+    good.save(folder.join("good 1.png")).unwrap();
+    image::GrayImage::from_fn(40, 30, |x, _| image::Luma([x as u8]))
+        .save(folder.join("good 2.png"))
+        .unwrap();
+    let bytes = std::fs::read(folder.join("good 1.png")).unwrap();
+    std::fs::write(folder.join("cut off.png"), &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::write(folder.join("notes.jpg"), b"not a picture").unwrap();
+    std::fs::write(folder.join("empty.tif"), b"").unwrap();
+
+    let mut h = harness(RecordingNotifier::default(), &dir.path().join("cache"));
+    h.state_mut().send(Command::Import {
+        paths: vec![folder],
+        role: ImageRole::TrainGood,
+    });
+    step_until(&mut h, "import", Duration::from_secs(60), |a| {
+        a.import.is_none() && a.queue.is_empty()
+    });
+    let app = h.state();
+    assert_eq!(app.project.counts().train_good, 2);
+    assert_eq!(app.import_failures.len(), 3, "{:?}", app.import_failures);
+    for name in ["cut off.png", "notes.jpg", "empty.tif"] {
+        assert!(
+            app.import_failures.iter().any(|f| f.reason.contains(name)),
+            "{name}: {:?}",
+            app.import_failures
+        );
+    }
+    // The dataset tab shows the list; opening it shows each file's reason.
+    h.get_by_label("3 files could not be imported").click();
+    h.run();
+    assert!(
+        h.query_by_label_contains("empty.tif: file is empty")
+            .is_some()
+    );
+}

@@ -36,6 +36,13 @@ impl StopFlag {
     }
 }
 
+/// `path` with `suffix` appended to its file name (`m.ink` + `.lock` = `m.ink.lock`).
+pub fn path_with_suffix(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    p.into()
+}
+
 /// `$XDG_DATA_HOME/inkspect`, else `~/.local/share/inkspect`.
 pub fn data_dir() -> Option<std::path::PathBuf> {
     use std::path::PathBuf;

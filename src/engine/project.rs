@@ -165,9 +165,7 @@ impl Project {
             source,
         };
         if path.is_file() {
-            let mut backup = path.as_os_str().to_owned();
-            backup.push(".bak");
-            std::fs::copy(path, PathBuf::from(backup)).map_err(io)?;
+            std::fs::copy(path, backup_path(path)).map_err(io)?;
         }
         crate::engine::atomic_write(path, &json).map_err(io)
     }
@@ -227,6 +225,11 @@ impl Project {
     pub fn training_mode(&self) -> ColourMode {
         ColourMode::for_dataset(self.images_with_role(ImageRole::TrainGood).map(|i| i.mode))
     }
+}
+
+/// Where [`Project::save`] keeps the previous version of `project_file`: `<file>.bak`.
+pub fn backup_path(project_file: &Path) -> PathBuf {
+    crate::engine::path_with_suffix(project_file, ".bak")
 }
 
 /// `name` made safe as a file name stem (letters, digits, `-` and `_`; others become `_`).

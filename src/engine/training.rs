@@ -715,9 +715,7 @@ struct TrainingLock {
 
 impl TrainingLock {
     fn acquire(model_path: &std::path::Path) -> Result<TrainingLock, TrainError> {
-        let mut path = model_path.as_os_str().to_owned();
-        path.push(".lock");
-        let path = PathBuf::from(path);
+        let path = crate::engine::path_with_suffix(model_path, ".lock");
         let io = |source| TrainError::Lock {
             path: path.clone(),
             source,

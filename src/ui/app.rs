@@ -22,7 +22,7 @@ use crate::engine::dataset::prepare::{DatasetCache, DatasetSettings};
 use crate::engine::device::{ComputeDevice, DevicePreference, select_device};
 use crate::engine::inference::{Inspection, Inspector, Thresholds};
 use crate::engine::model::{Checkpoint, CheckpointHeader, Framework, ModelFile, checkpoint_path};
-use crate::engine::project::{MODEL_EXTENSION, Project, file_stem_for};
+use crate::engine::project::{MODEL_EXTENSION, Project, backup_path, file_stem_for};
 use crate::engine::training::{
     EpochReport, StopReason, TrainEvent, TrainRequest, TrainingHandle, TrainingSettings,
     TrainingSummary, spawn_training,
@@ -465,13 +465,12 @@ impl InkspectApp {
                 }
                 Err(e) => {
                     let mut message = e.to_string();
-                    let mut bak = path.as_os_str().to_owned();
-                    bak.push(".bak");
-                    let has_backup = Path::new(&bak).is_file();
+                    let bak = backup_path(&path);
+                    let has_backup = bak.is_file();
                     if has_backup {
                         message.push_str(&format!(
                             "\n\nA backup of the previous save exists: {}",
-                            Path::new(&bak).display()
+                            bak.display()
                         ));
                     }
                     self.error_dialog = Some(ErrorDialog {
@@ -537,29 +536,25 @@ impl InkspectApp {
                 }
             }
             Command::StartTraining { resume } => self.start_training(resume),
-            Command::OpenBackup(path) => {
-                let mut bak = path.as_os_str().to_owned();
-                bak.push(".bak");
-                match Project::load(Path::new(&bak)) {
-                    Ok(project) => {
-                        self.replace_project(project, Some(path.clone()));
-                        self.dirty = true;
-                        self.toast(
-                            format!(
-                                "Opened the backup of {}; save to replace the damaged file",
-                                path.display()
-                            ),
-                            false,
-                        );
-                    }
-                    Err(e) => {
-                        self.error_dialog = Some(ErrorDialog {
-                            message: format!("The backup cannot be opened either: {e}"),
-                            backup_of: None,
-                        })
-                    }
+            Command::OpenBackup(path) => match Project::load(&backup_path(&path)) {
+                Ok(project) => {
+                    self.replace_project(project, Some(path.clone()));
+                    self.dirty = true;
+                    self.toast(
+                        format!(
+                            "Opened the backup of {}; save to replace the damaged file",
+                            path.display()
+                        ),
+                        false,
+                    );
                 }
-            }
+                Err(e) => {
+                    self.error_dialog = Some(ErrorDialog {
+                        message: format!("The backup cannot be opened either: {e}"),
+                        backup_of: None,
+                    })
+                }
+            },
             Command::CancelTraining => {
                 if let Some(h) = self.training.as_ref().and_then(|t| t.handle.as_ref()) {
                     h.stop.set();

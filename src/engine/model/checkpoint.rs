@@ -25,9 +25,7 @@ pub const CHECKPOINT_FORMAT_VERSION: u32 = 1;
 
 /// Where the checkpoint of the model written to `model_path` lives.
 pub fn checkpoint_path(model_path: &Path) -> PathBuf {
-    let mut p = model_path.as_os_str().to_owned();
-    p.push(".checkpoint");
-    PathBuf::from(p)
+    crate::engine::path_with_suffix(model_path, ".checkpoint")
 }
 
 /// What a checkpoint was trained on and how far it got.

@@ -84,6 +84,10 @@ pub struct TrainArgs {
     /// model file.
     #[arg(long)]
     pub resume: bool,
+    /// Model type: `patch_memory` or `conv_autoencoder` [default: the project's, else
+    /// patch_memory].
+    #[arg(long, value_parser = parse_framework)]
+    pub framework: Option<Framework>,
     /// Training image size in pixels (square side, rounded to a multiple of 16) [default: 320].
     #[arg(long)]
     pub size: Option<u32>,
@@ -185,6 +189,21 @@ pub struct BenchQualityArgs {
     /// Also write the table (Markdown) to this file.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Model types to run, comma-separated (`patch_memory`, `conv_autoencoder`) [default: the
+    /// default framework].
+    #[arg(long, value_parser = parse_framework, value_delimiter = ',')]
+    pub framework: Vec<Framework>,
+}
+
+/// Reads a framework name for clap.
+fn parse_framework(name: &str) -> std::result::Result<Framework, String> {
+    Framework::from_name(name).ok_or_else(|| {
+        let names: Vec<&str> = Framework::ALL.iter().map(|f| f.name()).collect();
+        format!(
+            "unknown framework {name:?}; use one of {}",
+            names.join(", ")
+        )
+    })
 }
 
 /// Arguments of `inkspect demo`.
@@ -281,7 +300,7 @@ fn train(args: TrainArgs, device: DevicePreference) -> Result<()> {
     }
     let compute = select_device(device);
     let request = TrainRequest {
-        framework: Framework::ConvAutoencoder,
+        framework: args.framework.unwrap_or_default(),
         images: report.imported,
         dataset,
         training,
@@ -315,7 +334,7 @@ fn train_project(args: TrainArgs, device: DevicePreference) -> Result<()> {
         .cloned()
         .collect();
     let request = TrainRequest {
-        framework: project.framework,
+        framework: args.framework.unwrap_or(project.framework),
         images,
         dataset,
         training,
@@ -761,7 +780,13 @@ fn bench_quality(args: BenchQualityArgs, device: DevicePreference) -> Result<()>
             .to_string(),
         "|---|---|---|---|---|---|".to_string(),
     ];
-    let (mut sum_image, mut sum_pixel, mut n_image, mut n_pixel) = (0.0, 0.0, 0usize, 0usize);
+    let frameworks = if args.framework.is_empty() {
+        vec![Framework::default()]
+    } else {
+        args.framework.clone()
+    };
+    // Per framework: sums and counts of image and pixel AUROC.
+    let mut sums = vec![(0.0f64, 0usize, 0.0f64, 0usize); frameworks.len()];
     for (i, category) in categories.iter().enumerate() {
         let name = category
             .file_name()
@@ -780,42 +805,43 @@ fn bench_quality(args: BenchQualityArgs, device: DevicePreference) -> Result<()>
             &|_, _| {},
             &StopFlag::new(),
         );
-        let model_path = work.path().join(format!("{i}.ink"));
-        let framework = Framework::default();
-        let summary = run_training(TrainRequest {
-            framework,
-            images: report.imported,
-            dataset,
-            training: TrainingSettings::default(),
-            model_path: model_path.clone(),
-            cache,
-            device: compute.clone(),
-            resume: false,
-            memory_budget_bytes: None,
-        })?;
-        let inspector = Inspector::load(&model_path, &compute.device)?;
-        let figures = evaluate(&inspector, category, inspector.suggested_thresholds(), 8)?;
-        let image = figures["image_auroc"].as_f64();
-        let pixel = figures["pixel_auroc"].as_f64();
-        if let Some(v) = image {
-            sum_image += v;
-            n_image += 1;
+        for (framework, sum) in frameworks.iter().zip(sums.iter_mut()) {
+            let model_path = work.path().join(format!("{i}-{}.ink", framework.name()));
+            let summary = run_training(TrainRequest {
+                framework: *framework,
+                images: report.imported.clone(),
+                dataset,
+                training: TrainingSettings::default(),
+                model_path: model_path.clone(),
+                cache: cache.clone(),
+                device: compute.clone(),
+                resume: false,
+                memory_budget_bytes: None,
+            })?;
+            let inspector = Inspector::load(&model_path, &compute.device)?;
+            let figures = evaluate(&inspector, category, inspector.suggested_thresholds(), 8)?;
+            let image = figures["image_auroc"].as_f64();
+            let pixel = figures["pixel_auroc"].as_f64();
+            if let Some(v) = image {
+                sum.0 += v;
+                sum.1 += 1;
+            }
+            if let Some(v) = pixel {
+                sum.2 += v;
+                sum.3 += 1;
+            }
+            let f = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.3}"));
+            let row = format!(
+                "| {name} | {} | {} | {} | {:.0} | {:.1} |",
+                framework.display_name(),
+                f(image),
+                f(pixel),
+                summary.train_secs + summary.prepare_secs,
+                figures["ms_per_image"].as_f64().unwrap_or(f64::NAN)
+            );
+            eprintln!("{row}");
+            rows.push(row);
         }
-        if let Some(v) = pixel {
-            sum_pixel += v;
-            n_pixel += 1;
-        }
-        let f = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.3}"));
-        let row = format!(
-            "| {name} | {} | {} | {} | {:.0} | {:.1} |",
-            framework.display_name(),
-            f(image),
-            f(pixel),
-            summary.train_secs + summary.prepare_secs,
-            figures["ms_per_image"].as_f64().unwrap_or(f64::NAN)
-        );
-        eprintln!("{row}");
-        rows.push(row);
     }
     let mean = |s: f64, n: usize| {
         if n > 0 {
@@ -824,12 +850,15 @@ fn bench_quality(args: BenchQualityArgs, device: DevicePreference) -> Result<()>
             "–".into()
         }
     };
-    rows.push(format!(
-        "| **mean of {}** | | **{}** | **{}** | | |",
-        categories.len(),
-        mean(sum_image, n_image),
-        mean(sum_pixel, n_pixel)
-    ));
+    for (framework, (si, ni, sp, np)) in frameworks.iter().zip(sums) {
+        rows.push(format!(
+            "| **mean of {}** | {} | **{}** | **{}** | | |",
+            categories.len(),
+            framework.display_name(),
+            mean(si, ni),
+            mean(sp, np)
+        ));
+    }
     let table = rows.join("\n");
     println!("{table}");
     if let Some(out) = &args.out {

@@ -267,7 +267,10 @@ fn colour_images_train_and_inspect_in_colour() {
     );
     let inspector = Inspector::load(&model, &cpu_device().device).unwrap();
     assert_eq!(inspector.mode(), ColourMode::Colour);
-    assert_eq!(inspector.header.autoencoder.channels, 3);
+    assert_eq!(
+        inspector.header.autoencoder.as_ref().map(|a| a.channels),
+        Some(3)
+    );
     let (good, nok, _) = test_scores(&inspector, &root);
     assert!(good.iter().chain(&nok).all(|s| s.is_finite() && *s >= 0.0));
 }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::engine::dataset::decode::{ColourMode, DecodeError, DecodedImage, decode_image};
 use crate::engine::dataset::prepare::PreparedImage;
 use crate::engine::metrics::{Component, connected_components, quantile};
-use crate::engine::model::{ConvAutoencoder, ModelFile, ModelHeader};
+use crate::engine::model::{ModelFile, ModelHeader, Network};
 
 /// Quantile of the validation good images' scores used as the suggested classification threshold.
 pub const SUGGESTED_SCORE_QUANTILE: f64 = 0.99;
@@ -176,10 +176,15 @@ pub fn batch_tensor(images: &[&PreparedImage], device: &Device) -> Tensor<4> {
     )
 }
 
-/// Gaussian smoothing applied to the squared reconstruction error before scoring: sigma in pixels
-/// at model resolution, `max(1, size / 128)`.
-pub fn smoothing_sigma_px(size_px: u32) -> f32 {
-    (size_px as f32 / 128.0).max(1.0)
+/// Gaussian smoothing applied to the raw anomaly map before scoring: sigma in pixels at model
+/// resolution, `max(1, size / 128)` for the autoencoder's pixel errors and twice that for the
+/// patch memory's distances, whose patches overlap already.
+pub fn smoothing_sigma_px(network: &Network, size_px: u32) -> f32 {
+    let base = (size_px as f32 / 128.0).max(1.0);
+    match network {
+        Network::Autoencoder(_) => base,
+        Network::PatchMemory(_) => 2.0 * base,
+    }
 }
 
 /// Per-pixel statistics of the smoothed reconstruction error of the training good images, at
@@ -242,11 +247,29 @@ impl ErrorStats {
     }
 }
 
-/// Smoothed reconstruction-error maps at model resolution (`size * size` values each) for a batch
-/// of prepared images: squared error averaged over channels, Gaussian smoothed, and, when `stats`
-/// are given, normalised by them ([`ErrorStats::normalize`]).
+/// Raw anomaly maps `[batch, 1, h, w]` of prepared images (one size and mode): the squared
+/// reconstruction error averaged over channels (autoencoder, `h = w = size`) or the distance of
+/// each patch to the nearest good one (patch memory, `h = w = size / (4 * input_shrink)`).
+pub fn raw_anomaly_maps(
+    network: &Network,
+    images: &[&PreparedImage],
+    device: &Device,
+) -> Tensor<4> {
+    match network {
+        Network::Autoencoder(n) => {
+            let input = batch_tensor(images, device);
+            (n.forward(input.clone()) - input).square().mean_dim(1)
+        }
+        Network::PatchMemory(n) => n.distances(n.input(images, device)),
+    }
+}
+
+/// Smoothed anomaly maps at model resolution (`size * size` values each) for a batch of prepared
+/// images: [`raw_anomaly_maps`] brought to model size, Gaussian smoothed
+/// ([`smoothing_sigma_px`]), and, when `stats` are given, normalised by them
+/// ([`ErrorStats::normalize`]).
 pub fn anomaly_maps_at_model_size(
-    network: &ConvAutoencoder,
+    network: &Network,
     images: &[&PreparedImage],
     device: &Device,
     stats: Option<&ErrorStats>,
@@ -255,14 +278,21 @@ pub fn anomaly_maps_at_model_size(
         return Vec::new();
     }
     let size = images[0].size_px as usize;
-    let input = batch_tensor(images, device);
-    let recon = network.forward(input.clone());
-    let error = (recon - input).square().mean_dim(1); // [batch, 1, size, size]
-    let values: Vec<f32> = error.into_data().try_to_vec::<f32>().unwrap_or_default();
-    let sigma = smoothing_sigma_px(size as u32);
+    let raw = raw_anomaly_maps(network, images, device);
+    let [_, _, h, w] = raw.dims();
+    let values: Vec<f32> = raw.into_data().try_to_vec::<f32>().unwrap_or_default();
+    let sigma = smoothing_sigma_px(network, size as u32);
+    use rayon::prelude::*;
     values
-        .chunks_exact(size * size)
+        .par_chunks_exact(h * w)
         .map(|m| {
+            let full;
+            let m = if (h, w) == (size, size) {
+                m
+            } else {
+                full = resize_map(m, w, h, size as u32, size as u32);
+                &full
+            };
             let mut map = gaussian_blur(m, size, size, sigma);
             if let Some(stats) = stats {
                 stats.normalize(&mut map);
@@ -275,7 +305,7 @@ pub fn anomaly_maps_at_model_size(
 /// Anomaly maps of prepared images computed `batch_size` at a time (see
 /// [`anomaly_maps_at_model_size`]).
 pub fn anomaly_maps_batched<'a>(
-    network: &'a ConvAutoencoder,
+    network: &'a Network,
     images: &'a [&'a PreparedImage],
     batch_size: usize,
     device: &'a Device,
@@ -289,7 +319,7 @@ pub fn anomaly_maps_batched<'a>(
 /// Anomaly scores (maximum of the anomaly map at model resolution) of prepared images. Used for
 /// validation images and threshold suggestions.
 pub fn image_scores(
-    network: &ConvAutoencoder,
+    network: &Network,
     images: &[&PreparedImage],
     batch_size: usize,
     device: &Device,
@@ -372,7 +402,7 @@ pub fn resize_map(
 pub struct Inspector {
     /// The model file's header (settings, suggested thresholds).
     pub header: ModelHeader,
-    network: ConvAutoencoder,
+    network: Network,
     device: Device,
 }
 
@@ -399,7 +429,7 @@ impl Inspector {
     }
 
     /// The network (inference mode).
-    pub fn network(&self) -> &ConvAutoencoder {
+    pub fn network(&self) -> &Network {
         &self.network
     }
 

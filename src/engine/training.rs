@@ -25,8 +25,9 @@ use crate::engine::inference::{
     ErrorStats, Thresholds, anomaly_maps_batched, batch_tensor, image_scores, suggest_thresholds,
 };
 use crate::engine::model::{
-    AutoencoderSpec, Checkpoint, CheckpointHeader, Framework, ModelFile, ModelHeader,
-    autoencoder_spec_for, checkpoint_path, dataset_fingerprint,
+    AutoencoderSpec, Checkpoint, CheckpointHeader, Framework, ModelFile, ModelHeader, Network,
+    PatchMemorySpec, autoencoder_spec_for, checkpoint_path, dataset_fingerprint,
+    patch_memory::contrast_floor_for, patch_memory_spec_for,
 };
 
 /// Progress events are sent at most this often (terminal events always go through).
@@ -395,13 +396,20 @@ fn run(
     let _lock = TrainingLock::acquire(&request.model_path)?;
     let size = request.dataset.effective_size_px();
     let mode = ColourMode::for_dataset(request.images.iter().map(|i| i.mode));
-    let spec = autoencoder_spec_for(request.dataset.effective_complexity(), mode.channels());
-    let estimate = estimate_training_memory(
-        &spec,
-        size,
-        settings.batch_size.min(request.images.len().max(1)),
-        request.images.len(),
-    );
+    let complexity = request.dataset.effective_complexity();
+    let spec = autoencoder_spec_for(complexity, mode.channels());
+    let batch_for_estimate = settings.batch_size.min(request.images.len().max(1));
+    let estimate = match request.framework {
+        Framework::ConvAutoencoder => {
+            estimate_training_memory(&spec, size, batch_for_estimate, request.images.len())
+        }
+        Framework::PatchMemory => estimate_fit_memory(
+            &patch_memory_spec_for(complexity, mode.channels()),
+            size,
+            batch_for_estimate,
+            request.images.len(),
+        ),
+    };
     if let Some(available_bytes) = request.memory_budget_bytes.or_else(available_memory_bytes)
         && estimate.total_bytes > available_bytes
     {
@@ -460,6 +468,43 @@ fn run(
     let split = split_train_validation(&keys, settings.seed);
     let train_set: Vec<&PreparedImage> = split.train.iter().map(|&i| &prepared[i].1).collect();
     let val_set: Vec<&PreparedImage> = split.validation.iter().map(|&i| &prepared[i].1).collect();
+
+    if request.framework == Framework::PatchMemory {
+        let fitted = fit_patch_memory(request, sink, stop, &train_set, &val_set, mode)?;
+        let summary = TrainingSummary {
+            epochs_run: 1,
+            settings,
+            stop_reason: StopReason::MaxEpochs,
+            n_train: train_set.len(),
+            n_validation: val_set.len(),
+            train_secs: fitted.report.elapsed_secs,
+            prepare_secs,
+            device: request.device.description.clone(),
+            history: vec![fitted.report],
+        };
+        let header = ModelHeader {
+            framework: request.framework,
+            autoencoder: None,
+            patch_memory: Some(fitted.spec),
+            mode,
+            image_size_px: size,
+            complexity,
+            suggested_thresholds: fitted.thresholds,
+            validation_scores: fitted.scores,
+            error_stats: None,
+            training: summary,
+            inkspect_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        return save_model(
+            request,
+            sink,
+            stop,
+            ModelFile {
+                header,
+                network: fitted.network,
+            },
+        );
+    }
 
     let fingerprint = dataset_fingerprint(keys.iter().map(String::as_str));
     let device = request.device.device.clone();
@@ -631,6 +676,7 @@ fn run(
     };
     // Per-pixel error statistics of the training images; the validation images, which neither
     // the model nor the statistics have seen, then give honest scores for the suggestion.
+    let trained = Network::Autoencoder(trained);
     let error_stats = ErrorStats::from_maps(anomaly_maps_batched(
         &trained,
         &train_set,
@@ -656,18 +702,31 @@ fn run(
     let model = ModelFile {
         header: ModelHeader {
             framework: request.framework,
-            autoencoder: spec,
+            autoencoder: Some(spec),
+            patch_memory: None,
             mode,
             image_size_px: size,
-            complexity: request.dataset.effective_complexity(),
+            complexity,
             suggested_thresholds: thresholds,
             validation_scores: scores,
             error_stats,
-            training: summary.clone(),
+            training: summary,
             inkspect_version: env!("CARGO_PKG_VERSION").to_string(),
         },
         network: trained,
     };
+    save_model(request, sink, stop, model)
+}
+
+/// Writes the finished model (unless the run was stopped meanwhile), removes the checkpoint it
+/// supersedes and sends `Finished`.
+fn save_model(
+    request: &TrainRequest,
+    sink: &mut EventSink<'_>,
+    stop: &StopFlag,
+    model: ModelFile,
+) -> Result<TrainingSummary, TrainError> {
+    let summary = model.header.training.clone();
     if stop.is_set() {
         return Err(TrainError::Cancelled {
             epochs_done: summary.epochs_run,
@@ -675,6 +734,7 @@ fn run(
     }
     model.save(&request.model_path)?;
     // The model holds everything now; a checkpoint left behind would only invite a stale resume.
+    let ckpt_path = checkpoint_path(&request.model_path);
     if let Err(e) = std::fs::remove_file(&ckpt_path)
         && e.kind() != std::io::ErrorKind::NotFound
     {
@@ -683,9 +743,125 @@ fn run(
     sink.always(TrainEvent::Finished {
         summary: summary.clone(),
         model_path: request.model_path.clone(),
-        thresholds,
+        thresholds: model.header.suggested_thresholds,
     });
     Ok(summary)
+}
+
+/// A fitted patch memory and what its validation images scored.
+struct FittedPatchMemory {
+    spec: PatchMemorySpec,
+    network: Network,
+    scores: Vec<f32>,
+    thresholds: Thresholds,
+    report: EpochReport,
+}
+
+/// Fits a patch memory: extracts the features of the training images batch by batch (progress
+/// as batches of epoch 1 of 1), keeps an evenly spread random sample of their patches as the
+/// memory, then scores the validation images (the training images when there are none).
+fn fit_patch_memory(
+    request: &TrainRequest,
+    sink: &mut EventSink<'_>,
+    stop: &StopFlag,
+    train_set: &[&PreparedImage],
+    val_set: &[&PreparedImage],
+    mode: ColourMode,
+) -> Result<FittedPatchMemory, TrainError> {
+    let settings = request.training;
+    let device = request.device.device.clone();
+    device.seed(settings.seed);
+    let mut spec = patch_memory_spec_for(request.dataset.effective_complexity(), mode.channels());
+    spec.contrast_floor = contrast_floor_for(train_set);
+    let extractor = spec.init(&device);
+    let dim = spec.feature_dim();
+    sink.always(TrainEvent::Started {
+        n_train: train_set.len(),
+        n_validation: val_set.len(),
+        max_epochs: 1,
+        parameters: spec.parameter_count(),
+        device: request.device.description.clone(),
+    });
+    let start = Instant::now();
+    let per_image = spec.memory_patches.div_ceil(train_set.len().max(1));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(settings.seed);
+    let mut rows: Vec<f32> = Vec::with_capacity((per_image * train_set.len() + 1) * dim);
+    let batches = train_set.len().div_ceil(settings.batch_size);
+    let work = (train_set.len() + val_set.len()).max(1) as f64;
+    for (b, chunk) in train_set.chunks(settings.batch_size).enumerate() {
+        if stop.is_set() {
+            return Err(TrainError::Cancelled { epochs_done: 0 });
+        }
+        let features = extractor.features(extractor.input(chunk, &device));
+        let [n, _, h, w] = features.dims();
+        let values: Vec<f32> = features
+            .permute([0, 2, 3, 1])
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap_or_default();
+        let patches = h * w;
+        for i in 0..n {
+            for p in rand::seq::index::sample(&mut rng, patches, per_image.min(patches)) {
+                let at = (i * patches + p) * dim;
+                rows.extend_from_slice(&values[at..at + dim]);
+            }
+        }
+        let done = (b + 1) * settings.batch_size;
+        let elapsed = start.elapsed().as_secs_f64();
+        let rate = done.min(train_set.len()) as f64 / elapsed.max(1e-9);
+        sink.throttled(TrainEvent::Batch {
+            epoch: 1,
+            batch: b + 1,
+            batches,
+            loss: 0.0,
+            images_per_sec: rate,
+            eta_secs: (work - done as f64).max(0.0) / rate.max(1e-9),
+        });
+    }
+    // Exactly `memory_patches` rows (fewer when the images hold fewer patches).
+    let available = rows.len() / dim;
+    if available > spec.memory_patches {
+        let keep = rand::seq::index::sample(&mut rng, available, spec.memory_patches).into_vec();
+        let mut kept = Vec::with_capacity(spec.memory_patches * dim);
+        for r in keep {
+            kept.extend_from_slice(&rows[r * dim..(r + 1) * dim]);
+        }
+        rows = kept;
+    }
+    spec.memory_patches = rows.len() / dim;
+    let memory = Tensor::from_data(TensorData::new(rows, [spec.memory_patches, dim]), &device);
+    let network = Network::PatchMemory(extractor.with_memory(memory));
+    if stop.is_set() {
+        return Err(TrainError::Cancelled { epochs_done: 0 });
+    }
+    let scoring_set = if val_set.is_empty() {
+        train_set
+    } else {
+        val_set
+    };
+    let scores = image_scores(&network, scoring_set, settings.batch_size, &device, None);
+    let thresholds = suggest_thresholds(&scores).ok_or(TrainError::TooFewImages {
+        found: train_set.len() + val_set.len(),
+    })?;
+    let mean_score = scores.iter().map(|&s| f64::from(s)).sum::<f64>() / scores.len().max(1) as f64;
+    let elapsed_secs = start.elapsed().as_secs_f64();
+    let report = EpochReport {
+        epoch: 1,
+        max_epochs: 1,
+        train_loss: mean_score,
+        validation_loss: mean_score,
+        images_per_sec: work / elapsed_secs.max(1e-9),
+        elapsed_secs,
+        eta_secs: 0.0,
+    };
+    sink.always(TrainEvent::Epoch(report));
+    Ok(FittedPatchMemory {
+        spec,
+        network,
+        scores,
+        thresholds,
+        report,
+    })
 }
 
 /// Mean squared reconstruction error of `images` (pixel values in `[0, 1]`).
@@ -797,6 +973,30 @@ pub fn estimate_training_memory(
     let activations_bytes = batch as u64 * outputs * 4 * 4;
     let parameters_bytes = spec.parameter_count() as u64 * 4 * 4;
     let images_bytes = n_images as u64 * area(0) * spec.channels as u64;
+    MemoryEstimate {
+        images_bytes,
+        parameters_bytes,
+        activations_bytes,
+        total_bytes: BASE_MEMORY_BYTES + images_bytes + parameters_bytes + activations_bytes,
+    }
+}
+
+/// Estimates the memory fitting a patch memory of `spec` needs: the images, the sampled patches
+/// and the memory, the extractor's activations for a batch, and the distance matrix of one query
+/// chunk.
+pub fn estimate_fit_memory(
+    spec: &PatchMemorySpec,
+    size_px: u32,
+    batch: usize,
+    n_images: usize,
+) -> MemoryEstimate {
+    let area = u64::from(size_px) * u64::from(size_px);
+    let images_bytes = n_images as u64 * area * spec.channels as u64;
+    // Sampled rows plus the memory tensor and its transpose.
+    let parameters_bytes = spec.parameter_count() as u64 * 4 * 3;
+    let first = *spec.widths.first().unwrap_or(&1) as u64;
+    let activations_bytes = batch as u64 * area * (first + spec.channels as u64 * 4) * 4 * 3
+        + 1024 * spec.memory_patches as u64 * 4 * 3;
     MemoryEstimate {
         images_bytes,
         parameters_bytes,

@@ -11,8 +11,8 @@ use burn::tensor::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::file::{
-    decode_container, network_from_bytes, parse_header, read_container_header, read_file,
-    save_container,
+    decode_container, network_bytes, network_from_bytes, parse_header, read_container_header,
+    read_file, save_container,
 };
 use super::{AutoencoderSpec, ConvAutoencoder, Framework, ModelFileError};
 use crate::engine::dataset::decode::ColourMode;
@@ -83,13 +83,16 @@ impl Checkpoint {
 
     /// Writes the checkpoint atomically.
     pub fn save(&self, path: &Path) -> Result<(), ModelFileError> {
+        let weights = network_bytes(&self.network).map_err(|reason| ModelFileError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        })?;
         save_container(
             path,
             MAGIC,
             CHECKPOINT_FORMAT_VERSION,
             &self.header,
-            &self.network,
-            &[&self.optimizer_state],
+            &[&weights, &self.optimizer_state],
         )
     }
 

@@ -13,7 +13,7 @@ use burn::store::ModuleRecord;
 use burn::tensor::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::{AutoencoderSpec, ConvAutoencoder, Framework};
+use super::{AutoencoderSpec, ConvAutoencoder, Framework, PatchMemory, PatchMemorySpec};
 use crate::engine::dataset::decode::ColourMode;
 use crate::engine::inference::Thresholds;
 use crate::engine::training::TrainingSummary;
@@ -28,8 +28,12 @@ pub const MODEL_FORMAT_VERSION: u32 = 1;
 pub struct ModelHeader {
     /// Model type.
     pub framework: Framework,
-    /// Shape of the autoencoder.
-    pub autoencoder: AutoencoderSpec,
+    /// Shape of the autoencoder (autoencoder models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoencoder: Option<AutoencoderSpec>,
+    /// Shape of the patch memory (patch memory models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch_memory: Option<PatchMemorySpec>,
     /// Colour mode the model works in.
     pub mode: ColourMode,
     /// Side of the square model input in pixels.
@@ -49,13 +53,40 @@ pub struct ModelHeader {
     pub inkspect_version: String,
 }
 
+/// The network of a model, one variant per [`Framework`].
+#[derive(Debug, Clone)]
+pub enum Network {
+    /// A convolutional autoencoder.
+    Autoencoder(ConvAutoencoder),
+    /// A patch memory.
+    PatchMemory(PatchMemory),
+}
+
+impl Network {
+    /// The network's weights as burnpack bytes.
+    fn to_bytes(&self) -> Result<Vec<u8>, String> {
+        match self {
+            Network::Autoencoder(n) => network_bytes(n),
+            Network::PatchMemory(n) => network_bytes(n),
+        }
+    }
+
+    /// The same network ready for inference (no gradient tracking).
+    pub fn valid(&self) -> Network {
+        match self {
+            Network::Autoencoder(n) => Network::Autoencoder(n.valid()),
+            Network::PatchMemory(n) => Network::PatchMemory(n.valid()),
+        }
+    }
+}
+
 /// A model loaded from, or ready to be written to, a model file.
 #[derive(Debug)]
 pub struct ModelFile {
     /// Description and settings.
     pub header: ModelHeader,
     /// The trained network.
-    pub network: ConvAutoencoder,
+    pub network: Network,
 }
 
 /// Why a model file could not be read or written. Every variant names the file.
@@ -98,14 +129,14 @@ pub enum ModelFileError {
 impl ModelFile {
     /// Writes the model file atomically (a crash leaves the previous file intact).
     pub fn save(&self, path: &Path) -> Result<(), ModelFileError> {
-        save_container(
-            path,
-            MAGIC,
-            MODEL_FORMAT_VERSION,
-            &self.header,
-            &self.network,
-            &[],
-        )
+        let weights = self
+            .network
+            .to_bytes()
+            .map_err(|reason| ModelFileError::Corrupt {
+                path: path.to_path_buf(),
+                reason,
+            })?;
+        save_container(path, MAGIC, MODEL_FORMAT_VERSION, &self.header, &[&weights])
     }
 
     /// Reads only the header (fast; no weights are loaded).
@@ -128,28 +159,37 @@ impl ModelFile {
     ) -> Result<ModelFile, ModelFileError> {
         let sections = decode_container(bytes, MAGIC, MODEL_FORMAT_VERSION, 2, path)?;
         let header: ModelHeader = parse_header(sections[0], path)?;
-        let network = network_from_bytes(&header.autoencoder, sections[1], device, path)?;
+        let network = match (header.framework, &header.autoencoder, &header.patch_memory) {
+            (Framework::ConvAutoencoder, Some(spec), _) => {
+                Network::Autoencoder(network_from_bytes(spec, sections[1], device, path)?)
+            }
+            (Framework::PatchMemory, _, Some(spec)) => {
+                Network::PatchMemory(patch_memory_from_bytes(spec, sections[1], device, path)?)
+            }
+            _ => {
+                return Err(ModelFileError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason: "the header has no network shape for its framework".into(),
+                });
+            }
+        };
         Ok(ModelFile { header, network })
     }
 }
 
-/// Writes a container atomically: `header` as JSON, the weights of `network`, then `extra`
-/// sections.
+/// Writes a container atomically: `header` as JSON, then the `sections` (weights first).
 pub(crate) fn save_container<H: Serialize>(
     path: &Path,
     magic: &[u8; 16],
     version: u32,
     header: &H,
-    network: &ConvAutoencoder,
     extra: &[&[u8]],
 ) -> Result<(), ModelFileError> {
-    let corrupt = |reason: String| ModelFileError::Corrupt {
+    let header = serde_json::to_vec_pretty(header).map_err(|e| ModelFileError::Corrupt {
         path: path.to_path_buf(),
-        reason,
-    };
-    let header = serde_json::to_vec_pretty(header).map_err(|e| corrupt(e.to_string()))?;
-    let weights = network_bytes(network).map_err(corrupt)?;
-    let mut sections: Vec<&[u8]> = vec![&header, &weights];
+        reason: e.to_string(),
+    })?;
+    let mut sections: Vec<&[u8]> = vec![&header];
     sections.extend_from_slice(extra);
     let out = encode_container(magic, version, &sections);
     crate::engine::atomic_write(path, &out).map_err(|source| ModelFileError::Io {
@@ -171,7 +211,7 @@ pub(crate) fn read_container_header<H: serde::de::DeserializeOwned>(
 }
 
 /// The weights of `network` as burnpack bytes.
-pub(crate) fn network_bytes(network: &ConvAutoencoder) -> Result<Vec<u8>, String> {
+pub(crate) fn network_bytes<M: Module>(network: &M) -> Result<Vec<u8>, String> {
     network
         .clone()
         .into_record()
@@ -201,9 +241,34 @@ pub(crate) fn network_from_bytes(
     {
         return Err(corrupt("impossible network shape in header".into()));
     }
+    load_weights(spec.init(device), weights, path)
+}
+
+/// A patch memory of shape `spec` with the weights in `weights` (burnpack), shape checked first.
+pub(crate) fn patch_memory_from_bytes(
+    spec: &PatchMemorySpec,
+    weights: &[u8],
+    device: &Device,
+    path: &Path,
+) -> Result<PatchMemory, ModelFileError> {
+    if !spec.is_plausible() {
+        return Err(ModelFileError::Corrupt {
+            path: path.to_path_buf(),
+            reason: "impossible network shape in header".into(),
+        });
+    }
+    load_weights(spec.init(device), weights, path)
+}
+
+/// Loads burnpack `weights` into `module`, which must have their shape.
+fn load_weights<M: Module>(module: M, weights: &[u8], path: &Path) -> Result<M, ModelFileError> {
+    let corrupt = |reason: String| ModelFileError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
     let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(weights.to_vec()))
         .map_err(|e| corrupt(e.to_string()))?;
-    spec.init(device)
+    module
         .try_load_record(record)
         .map_err(|e| corrupt(e.to_string()))
 }

@@ -4,30 +4,36 @@
 pub mod autoencoder;
 pub mod checkpoint;
 pub mod file;
+pub mod patch_memory;
 
 use serde::{Deserialize, Serialize};
 
 pub use autoencoder::{AutoencoderSpec, ConvAutoencoder};
 pub use checkpoint::{Checkpoint, CheckpointHeader, checkpoint_path, dataset_fingerprint};
-pub use file::{ModelFile, ModelFileError, ModelHeader};
+pub use file::{ModelFile, ModelFileError, ModelHeader, Network};
+pub use patch_memory::{PatchMemory, PatchMemorySpec};
 
 /// The model types a project can use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Framework {
     /// Convolutional autoencoder scored by reconstruction error.
-    #[default]
     ConvAutoencoder,
+    /// Nearest-neighbour distance of patch features to a memory of good patches (fitted, not
+    /// trained).
+    #[default]
+    PatchMemory,
 }
 
 impl Framework {
     /// Every framework, for choosers.
-    pub const ALL: [Framework; 1] = [Framework::ConvAutoencoder];
+    pub const ALL: [Framework; 2] = [Framework::PatchMemory, Framework::ConvAutoencoder];
 
     /// Name shown to users.
     pub fn display_name(self) -> &'static str {
         match self {
             Framework::ConvAutoencoder => "Convolutional autoencoder",
+            Framework::PatchMemory => "Patch memory",
         }
     }
 
@@ -38,6 +44,35 @@ impl Framework {
                 "Learns to redraw good images; what it cannot redraw is abnormal. Fast, finds \
                  clear defects (dirt, particles, chips, bold scratches)."
             }
+            Framework::PatchMemory => {
+                "Remembers what every small patch of the good images looks like; a patch unlike \
+                 all of them is abnormal. Ready in seconds (no epochs), strong on textures and \
+                 small defects; the default."
+            }
+        }
+    }
+
+    /// Whether the model learns over epochs (the autoencoder) or is fitted in one pass over the
+    /// images (patch memory: epochs, learning rate and the error threshold do not apply).
+    pub fn trains_in_epochs(self) -> bool {
+        matches!(self, Framework::ConvAutoencoder)
+    }
+
+    /// Parses a name as the command line writes it (`patch_memory`, `conv_autoencoder`, or the
+    /// short `patch`/`autoencoder`).
+    pub fn from_name(name: &str) -> Option<Framework> {
+        match name.trim().to_ascii_lowercase().replace('-', "_").as_str() {
+            "patch_memory" | "patch" | "patchmemory" => Some(Framework::PatchMemory),
+            "conv_autoencoder" | "autoencoder" | "ae" => Some(Framework::ConvAutoencoder),
+            _ => None,
+        }
+    }
+
+    /// The name [`Framework::from_name`] reads and project files store.
+    pub fn name(self) -> &'static str {
+        match self {
+            Framework::ConvAutoencoder => "conv_autoencoder",
+            Framework::PatchMemory => "patch_memory",
         }
     }
 }
@@ -58,6 +93,24 @@ pub fn autoencoder_spec_for(complexity: u32, channels: usize) -> AutoencoderSpec
     }
 }
 
+/// The one mapping from the complexity index (1-100) to the patch memory's shape.
+///
+/// Extractor width `w = round(16 + 0.8 * complexity)` (complexity 20 gives 32, 100 gives 96), levels
+/// `w, 2w, 4w` (features of `6w` values); memory `4000 + 300 * complexity` patches (20 gives
+/// 10,000). Inspection time grows with features x memory.
+pub fn patch_memory_spec_for(complexity: u32, channels: usize) -> PatchMemorySpec {
+    let complexity = complexity.clamp(1, 100);
+    let w = (16.0 + 0.8 * complexity as f64).round() as usize;
+    PatchMemorySpec {
+        channels,
+        widths: vec![w, 2 * w, 4 * w],
+        memory_patches: 4000 + 300 * complexity as usize,
+        contrast_window_px: 31,
+        contrast_floor: 0.01,
+        input_shrink: 2,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,5 +125,17 @@ mod tests {
         }
         assert_eq!(autoencoder_spec_for(20, 1).widths, vec![16, 32, 64, 64]);
         assert_eq!(autoencoder_spec_for(0, 3).widths[0], 5);
+        let mut last = 0;
+        for c in [1, 5, 20, 50, 100] {
+            let s = patch_memory_spec_for(c, 3);
+            assert!(s.is_plausible());
+            let n = s.parameter_count();
+            assert!(n > last, "complexity {c}: {n} <= {last}");
+            last = n;
+        }
+        assert_eq!(patch_memory_spec_for(20, 1).widths, vec![32, 64, 128]);
+        for f in Framework::ALL {
+            assert_eq!(Framework::from_name(f.name()), Some(f));
+        }
     }
 }

@@ -117,7 +117,7 @@ pub fn run(args: &BenchArgs, device: &ComputeDevice) -> Result<()> {
     let summary = train(
         TrainRequest {
             framework: Framework::ConvAutoencoder,
-            images: imported.imported,
+            images: imported.imported.clone(),
             dataset: DatasetSettings {
                 image_size_px: size,
                 complexity: args.complexity,
@@ -128,7 +128,7 @@ pub fn run(args: &BenchArgs, device: &ComputeDevice) -> Result<()> {
                 ..Default::default()
             },
             model_path: model_path.clone(),
-            cache: train_cache,
+            cache: train_cache.clone(),
             device: device.clone(),
             resume: false,
             memory_budget_bytes: None,
@@ -178,6 +178,51 @@ pub fn run(args: &BenchArgs, device: &ComputeDevice) -> Result<()> {
     let single_ms = 1000.0 * start.elapsed().as_secs_f64() / single.len() as f64;
     eprintln!("inspection: model {model_ms:.1} ms/image, files {files_ms:.1} ms/image");
 
+    // 4. The patch memory: fit on the same images, then the same inspections.
+    let pm_path = work.path().join("bench-pm.ink");
+    reset_peak_memory();
+    let (tx, rx) = std::sync::mpsc::sync_channel(100_000);
+    let pm_summary = train(
+        TrainRequest {
+            framework: Framework::PatchMemory,
+            images: imported.imported.clone(),
+            dataset: DatasetSettings {
+                image_size_px: size,
+                complexity: args.complexity,
+            },
+            training: TrainingSettings {
+                batch_size: args.batch,
+                ..Default::default()
+            },
+            model_path: pm_path.clone(),
+            cache: train_cache,
+            device: device.clone(),
+            resume: false,
+            memory_budget_bytes: None,
+        },
+        &tx,
+        &StopFlag::new(),
+    )?;
+    drop(tx);
+    drop(rx);
+    let pm_peak = peak_memory_bytes();
+    let pm_fit_secs = pm_summary.train_secs;
+    let pm_inspector = Inspector::load(&pm_path, &device.device)?;
+    let start = Instant::now();
+    for chunk in refs.chunks(args.batch) {
+        let _ = anomaly_maps_at_model_size(pm_inspector.network(), chunk, &device.device, None);
+    }
+    let pm_model_ms = 1000.0 * start.elapsed().as_secs_f64() / refs.len() as f64;
+    let start = Instant::now();
+    let mut n = 0usize;
+    pm_inspector.inspect_files(&camera_files, thresholds, args.batch, &mut |(_, r)| {
+        n += usize::from(r.is_ok());
+    });
+    let pm_files_ms = 1000.0 * start.elapsed().as_secs_f64() / n.max(1) as f64;
+    eprintln!(
+        "patch memory: fit {pm_fit_secs:.1} s, model {pm_model_ms:.1} ms/image, files {pm_files_ms:.1} ms/image"
+    );
+
     let mut figures = json!({
         "device": device.description,
         "threads": threads,
@@ -197,6 +242,13 @@ pub fn run(args: &BenchArgs, device: &ComputeDevice) -> Result<()> {
         "infer_model_ms_per_image": model_ms,
         "inspect_file_ms_per_image_batched": files_ms,
         "inspect_file_ms_single": single_ms,
+        "patch_memory": {
+            "fit_secs": pm_fit_secs,
+            "fit_images_per_sec": pm_summary.history[0].images_per_sec,
+            "fit_peak_memory_mib": pm_peak.map(|b| b as f64 / 1048576.0),
+            "infer_model_ms_per_image": pm_model_ms,
+            "inspect_file_ms_per_image_batched": pm_files_ms,
+        },
     });
     let torch = if args.pytorch {
         Some(run_pytorch(args, size)?)
@@ -270,6 +322,27 @@ fn table(f: &Value, torch: Option<&Value>) -> String {
         f["train_images"],
         num(&f["train_memory_estimate_mib"]),
         opt(f["train_peak_memory_mib"].as_f64(), 0)
+    ));
+    let pm = &f["patch_memory"];
+    rows.push(format!(
+        "| patch memory: fit {} images (features, memory, validation scores), s | {:.1} ({:.1} images/s) | – | – |",
+        f["train_images"],
+        num(&pm["fit_secs"]),
+        num(&pm["fit_images_per_sec"])
+    ));
+    rows.push(format!(
+        "| patch memory: inspection, model + distance map, ms/image (batch {}) | {:.1} | – | – |",
+        f["batch"],
+        num(&pm["infer_model_ms_per_image"])
+    ));
+    rows.push(format!(
+        "| patch memory: inspection of 1208x1308 files, ms/image, batch {} | {:.1} | – | – |",
+        f["batch"],
+        num(&pm["inspect_file_ms_per_image_batched"])
+    ));
+    rows.push(format!(
+        "| patch memory: peak memory of the process while fitting, MiB | {} | – | – |",
+        opt(pm["fit_peak_memory_mib"].as_f64(), 0)
     ));
     rows.join("\n")
 }

@@ -24,7 +24,7 @@ use crate::engine::metrics::{
     ConfusionMatrix, MapWithMask, PixelRocAccumulator, RocCurve, auroc, f1_best_threshold,
     histogram, pro_score, roc_curve, threshold_for_false_alarm_rate,
 };
-use crate::engine::model::Framework;
+use crate::engine::model::{Framework, ModelFile};
 use crate::engine::project::Project;
 use crate::engine::training::{
     StopReason, TrainEvent, TrainRequest, TrainingSettings, TrainingSummary, spawn_training,
@@ -1036,6 +1036,9 @@ pub fn demo_project() -> Result<PathBuf> {
     // shipped with the sources.
     project.model_path = match bundled_demo_model() {
         Some(bundled) => {
+            if let Ok(header) = ModelFile::read_header(&bundled) {
+                project.framework = header.framework;
+            }
             let copy = root.join("demo.ink");
             std::fs::copy(&bundled, &copy).with_context(|| {
                 format!("cannot copy {} to {}", bundled.display(), copy.display())

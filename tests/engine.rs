@@ -175,6 +175,76 @@ fn mono_training_separates_defects_reloads_identically_and_reports_progress() {
 }
 
 #[test]
+fn patch_memory_fits_in_one_pass_separates_defects_and_reloads_identically() {
+    for colour in [false, true] {
+        let (dir, root, cache, report) = imported_demo(colour);
+        let model = dir.path().join("pm.ink");
+        let mut req = request(&report, &model, &cache, TrainingSettings::default());
+        req.framework = Framework::PatchMemory;
+        let events = run_to_end(req);
+        let epochs: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                TrainEvent::Epoch(r) => Some(*r),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(epochs.len(), 1, "fitted in one pass: {epochs:?}");
+        let Some(TrainEvent::Finished { summary, .. }) = events.last() else {
+            panic!("last event is Finished: {:?}", events.last());
+        };
+        assert_eq!(summary.epochs_run, 1);
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, TrainEvent::Started { max_epochs: 1, .. })),
+            "{events:?}"
+        );
+
+        let device = cpu_device().device;
+        let inspector = Inspector::load(&model, &device).unwrap();
+        let header = &inspector.header;
+        assert_eq!(header.framework, Framework::PatchMemory);
+        assert!(header.autoencoder.is_none());
+        let spec = header.patch_memory.as_ref().expect("patch memory shape");
+        assert_eq!(spec.channels, if colour { 3 } else { 1 });
+        assert!(spec.memory_patches > 0 && spec.memory_patches <= 10_000);
+        assert!(header.error_stats.is_none());
+        let (good, nok, classes) = test_scores(&inspector, &root);
+        let a = auroc(&good, &nok).unwrap();
+        assert!(
+            a >= 0.9,
+            "colour {colour}: image AUROC {a}: good {good:?} nok {nok:?}"
+        );
+        assert!(classes.iter().filter(|&&c| c == Class::Nok).count() * 2 >= classes.len());
+
+        // The reloaded memory scores the validation images as the fitted one did.
+        let keys: Vec<String> = report
+            .imported
+            .iter()
+            .map(|i| i.content_hash.clone())
+            .collect();
+        let split = split_train_validation(&keys, TrainingSettings::default().seed);
+        let mode = inspector.mode();
+        let prepared: Vec<_> = split
+            .validation
+            .iter()
+            .map(|&i| {
+                cache
+                    .load(&keys[i], 64, mode)
+                    .expect("import filled the cache")
+            })
+            .collect();
+        let refs: Vec<_> = prepared.iter().collect();
+        let reloaded = inspector.scores_of_prepared(&refs, 4);
+        assert_eq!(reloaded.len(), header.validation_scores.len());
+        for (a, b) in reloaded.iter().zip(&header.validation_scores) {
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(1e-3), "{a} vs {b}");
+        }
+    }
+}
+
+#[test]
 fn loose_error_threshold_stops_early_and_says_so() {
     let (dir, _root, cache, report) = imported_demo(false);
     let model = dir.path().join("m.ink");

@@ -14,6 +14,7 @@ use inkspect::engine::dataset::import::ImageRole;
 use inkspect::engine::dataset::prepare::DatasetCache;
 use inkspect::engine::demo::{DemoSpec, write_demo_dataset};
 use inkspect::engine::inference::Class;
+use inkspect::engine::model::Framework;
 use inkspect::engine::project::Project;
 use inkspect::ui::evaluation_tab::CLASSIFICATION_SLIDER;
 use inkspect::ui::notifications::Notifier;
@@ -74,6 +75,13 @@ fn whole_flow_by_clicking_train_evaluate_and_flip_the_verdict() {
 
     h.get_by_label("New").click();
     h.run();
+    // This flow exercises epochs: choose the autoencoder in the framework box, by clicks.
+    assert_eq!(h.state().project.framework, Framework::PatchMemory);
+    h.get_by_label("Framework").click();
+    h.run();
+    h.get_by_label("Convolutional autoencoder").click();
+    h.run();
+    assert_eq!(h.state().project.framework, Framework::ConvAutoencoder);
     h.state_mut()
         .send(Command::SaveProjectAs(dir.path().join("dies.inkspect")));
     h.run();
@@ -263,6 +271,51 @@ fn whole_flow_by_clicking_train_evaluate_and_flip_the_verdict() {
 }
 
 #[test]
+fn the_default_patch_memory_trains_with_one_click_and_has_no_epochs_to_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().join("demo");
+    write_demo_dataset(&demo, &DemoSpec::tiny()).unwrap();
+    let notifier = RecordingNotifier::default();
+    let mut h = harness(notifier.clone(), &dir.path().join("cache"));
+    h.state_mut()
+        .send(Command::SaveProjectAs(dir.path().join("pm.inkspect")));
+    h.state_mut().send(Command::Import {
+        paths: vec![demo.join("train/good")],
+        role: ImageRole::TrainGood,
+    });
+    step_until(&mut h, "import", Duration::from_secs(60), |a| {
+        a.import.is_none() && a.queue.is_empty()
+    });
+    let mut dataset = h.state().project.dataset;
+    dataset.image_size_px = 64;
+    h.state_mut().send(Command::SetDataset(dataset));
+    h.get_by_label("2  Training").click();
+    h.run();
+    assert_eq!(h.state().project.framework, Framework::PatchMemory);
+    assert!(
+        h.query_by_label("Epochs").is_none() && h.query_by_label("Error threshold").is_none(),
+        "a fitted model has no epochs or error threshold"
+    );
+    h.get_by_label_contains("fitted in one pass");
+    h.get_by_role_and_label(Role::Button, "Train").click();
+    h.step();
+    h.step();
+    step_until(&mut h, "fit", Duration::from_secs(300), |a| {
+        !a.is_training()
+    });
+    let app = h.state();
+    let model = app.project.model_path.clone().expect("model recorded");
+    let header = inkspect::engine::model::ModelFile::read_header(&model).unwrap();
+    assert_eq!(header.framework, Framework::PatchMemory);
+    assert_eq!(header.training.epochs_run, 1);
+    assert_eq!(
+        notifier.0.lock().unwrap().len(),
+        1,
+        "one desktop notification"
+    );
+}
+
+#[test]
 fn closing_with_unsaved_changes_asks_first() {
     let dir = tempfile::tempdir().unwrap();
     let mut h = harness(RecordingNotifier::default(), &dir.path().join("cache"));
@@ -331,6 +384,8 @@ fn closing_the_app_during_training_cancels_it_cleanly() {
     step_until(&mut h, "import", Duration::from_secs(60), |a| {
         a.import.is_none() && a.queue.is_empty()
     });
+    h.state_mut()
+        .send(Command::SetFramework(Framework::ConvAutoencoder));
     let mut training = h.state().project.training;
     training.max_epochs = 1000;
     h.state_mut().send(Command::SetTraining(training));

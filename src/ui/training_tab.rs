@@ -21,7 +21,16 @@ fn settings(app: &mut InkspectApp, ui: &mut egui::Ui) {
     ui.heading("Training");
     let running = app.is_training();
     let mut t: TrainingSettings = app.project.training;
+    let in_epochs = app.project.framework.trains_in_epochs();
     ui.add_enabled_ui(!running, |ui| {
+        if !in_epochs {
+            ui.label(format!(
+                "{} is fitted in one pass over the good images (seconds to minutes): there are \
+                 no epochs, error threshold or learning rate to set.",
+                app.project.framework.display_name()
+            ));
+        }
+        if in_epochs {
         egui::Grid::new("training-grid").num_columns(2).show(ui, |ui| {
             let l = ui.label("Epochs");
             ui.add(egui::DragValue::new(&mut t.max_epochs).range(1..=100_000).speed(1.0))
@@ -34,12 +43,15 @@ fn settings(app: &mut InkspectApp, ui: &mut egui::Ui) {
                 .on_hover_text("Training stops at the first epoch whose validation error is at or below this (0 = run all epochs)");
             ui.end_row();
         });
+        }
         egui::CollapsingHeader::new("Advanced").id_salt("training-advanced").show(ui, |ui| {
             egui::Grid::new("training-advanced-grid").num_columns(2).show(ui, |ui| {
-                let l = ui.label("Learning rate");
-                ui.add(egui::DragValue::new(&mut t.learning_rate).range(1e-6..=1.0).speed(0.0001).max_decimals(6))
-                    .labelled_by(l.id);
-                ui.end_row();
+                if in_epochs {
+                    let l = ui.label("Learning rate");
+                    ui.add(egui::DragValue::new(&mut t.learning_rate).range(1e-6..=1.0).speed(0.0001).max_decimals(6))
+                        .labelled_by(l.id);
+                    ui.end_row();
+                }
                 let l = ui.label("Batch size");
                 ui.add(egui::DragValue::new(&mut t.batch_size).range(1..=256)).labelled_by(l.id);
                 ui.end_row();
@@ -106,7 +118,12 @@ fn settings(app: &mut InkspectApp, ui: &mut egui::Ui) {
 fn progress(app: &mut InkspectApp, ui: &mut egui::Ui) {
     let threshold = app.project.training.error_threshold;
     let Some(view) = &app.training else {
-        ui.label(RichText::new("Set the epochs and error threshold, then click Train. Training runs in the background: you can keep working, and a notification tells you when the model is ready.").size(15.0));
+        let intro = if app.project.framework.trains_in_epochs() {
+            "Set the epochs and error threshold, then click Train. Training runs in the background: you can keep working, and a notification tells you when the model is ready."
+        } else {
+            "Click Train: the good images are read once and the model is ready in seconds to minutes. It runs in the background: you can keep working, and a notification tells you when the model is ready."
+        };
+        ui.label(RichText::new(intro).size(15.0));
         if let Some(h) = app.model_header() {
             ui.add_space(style::GAP);
             ui.label(format!(

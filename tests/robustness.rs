@@ -213,7 +213,7 @@ fn every_bad_file_is_reported_by_name_and_every_unusual_good_one_imported() {
     let dir = tempfile::tempdir().unwrap();
     let folder = dir.path().join("camera pc dump");
     let (bad, good) = write_bad_folder(&folder);
-    let (files, walk_failures) = collect_image_files(&[folder.clone()]);
+    let (files, walk_failures) = collect_image_files(std::slice::from_ref(&folder));
     assert!(walk_failures.is_empty(), "{walk_failures:?}");
     let cache = DatasetCache::in_dir(dir.path().join("cache"));
     let report = import(files, &cache, 32);

@@ -53,8 +53,10 @@ pub struct ModelHeader {
     pub inkspect_version: String,
 }
 
-/// The network of a model, one variant per [`Framework`].
+/// The network of a model, one variant per [`Framework`]. One is held per loaded model, so the
+/// size difference of the variants does not matter.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)]
 pub enum Network {
     /// A convolutional autoencoder.
     Autoencoder(ConvAutoencoder),

@@ -321,7 +321,11 @@ mod tests {
         assert_eq!(f.dims(), [1, 14, 8, 8]);
         let all = f.permute([0, 2, 3, 1]).reshape([64, 14]);
         let model = model.with_memory(all.slice([0..16, 0..14]));
-        let d: Vec<f32> = model.distances(input).into_data().to_vec().unwrap();
+        let d: Vec<f32> = model
+            .distances(input)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
         assert_eq!(d.len(), 64);
         assert!(d[..16].iter().all(|&v| v < 1e-2), "{:?}", &d[..16]);
         assert!(d[16..].iter().any(|&v| v > 1e-2));

@@ -181,6 +181,9 @@ fn patch_memory_fits_in_one_pass_separates_defects_and_reloads_identically() {
         let model = dir.path().join("pm.ink");
         let mut req = request(&report, &model, &cache, TrainingSettings::default());
         req.framework = Framework::PatchMemory;
+        // The extractor sees the image halved: 128 px keeps the tiny dies' defects a few
+        // patches wide.
+        req.dataset.image_size_px = 128;
         let events = run_to_end(req);
         let epochs: Vec<_> = events
             .iter()
@@ -231,8 +234,8 @@ fn patch_memory_fits_in_one_pass_separates_defects_and_reloads_identically() {
             .iter()
             .map(|&i| {
                 cache
-                    .load(&keys[i], 64, mode)
-                    .expect("import filled the cache")
+                    .load(&keys[i], 128, mode)
+                    .expect("training filled the cache")
             })
             .collect();
         let refs: Vec<_> = prepared.iter().collect();
@@ -443,6 +446,8 @@ fn command_line_demo_train_infer_eval_print_the_documented_fields() {
             &s(&model),
             "--size",
             "64",
+            "--framework",
+            "conv_autoencoder",
             "--epochs",
             "3",
         ],

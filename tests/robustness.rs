@@ -712,6 +712,7 @@ fn a_training_killed_with_sigkill_leaves_everything_intact_and_resumes() {
     let (model, _, base) = trained_model(dir.path());
     let project_file = dir.path().join("dies.inkspect");
     let mut project = Project::new("dies");
+    project.framework = Framework::ConvAutoencoder;
     project.images = base.images.clone();
     project.dataset = base.dataset;
     project.training.max_epochs = 400;

@@ -44,27 +44,12 @@ pub struct PatchMemorySpec {
     /// at 160 px), which sets how large a patch is relative to the image and keeps inspection
     /// fast. Patches are 4 extractor pixels apart.
     pub input_shrink: usize,
-    /// Values per patch after a fixed random projection of the extractor's `widths[1] +
-    /// widths[2]` (0: no projection). Distances are kept (Johnson-Lindenstrauss), the nearest-
-    /// neighbour search gets cheaper in proportion.
-    #[serde(default)]
-    pub projected_dim: usize,
 }
 
 impl PatchMemorySpec {
-    /// Values the extractor gives per patch (levels 2 and 3).
-    pub fn extractor_dim(&self) -> usize {
-        self.widths.iter().skip(1).sum()
-    }
-
-    /// Values per remembered patch: [`PatchMemorySpec::projected_dim`] when set, else
-    /// [`PatchMemorySpec::extractor_dim`].
+    /// Values per patch feature.
     pub fn feature_dim(&self) -> usize {
-        if self.projected_dim > 0 {
-            self.projected_dim
-        } else {
-            self.extractor_dim()
-        }
+        self.widths.iter().skip(1).sum()
     }
 
     /// Builds the module with a seeded random extractor (Kaiming normal weights) and an empty
@@ -86,17 +71,8 @@ impl PatchMemorySpec {
             c_in = w;
         }
         let memory = Tensor::zeros([self.memory_patches, self.feature_dim()], device);
-        let projection = (self.projected_dim > 0).then(|| {
-            let std = 1.0 / (self.projected_dim as f64).sqrt();
-            Param::from_tensor(Tensor::random(
-                [self.extractor_dim(), self.projected_dim],
-                burn::tensor::Distribution::Normal(0.0, std),
-                device,
-            ))
-        });
         PatchMemory {
             convs,
-            projection,
             memory: Param::from_tensor(memory),
             contrast_window_px: self.contrast_window_px,
             contrast_floor: self.contrast_floor,
@@ -112,12 +88,7 @@ impl PatchMemorySpec {
             n += c * w * 9;
             c = w;
         }
-        let projection = if self.projected_dim > 0 {
-            self.extractor_dim() * self.projected_dim
-        } else {
-            0
-        };
-        n + projection + self.memory_patches * self.feature_dim()
+        n + self.memory_patches * self.feature_dim()
     }
 
     /// Checks that the shape is one this build could have written (guards loaders against
@@ -132,7 +103,6 @@ impl PatchMemorySpec {
             && self.contrast_floor.is_finite()
             && self.contrast_floor > 0.0
             && (1..=8).contains(&self.input_shrink)
-            && self.projected_dim <= 4096
     }
 }
 
@@ -140,7 +110,6 @@ impl PatchMemorySpec {
 #[derive(Module, Debug)]
 pub struct PatchMemory {
     convs: Vec<Conv2d>,
-    projection: Option<Param<Tensor<2>>>,
     memory: Param<Tensor<2>>,
     contrast_window_px: usize,
     contrast_floor: f32,
@@ -207,25 +176,12 @@ impl PatchMemory {
         )
     }
 
-    /// Every patch of an extractor input ([`PatchMemory::input`], side `s`) as one row of
-    /// [`PatchMemorySpec::feature_dim`] values (projected when the model projects), rows in
-    /// `(image, y, x)` order: `([batch * (s/4)^2, dim], [batch, s/4, s/4])`.
-    pub fn patch_rows(&self, input: Tensor<4>) -> (Tensor<2>, [usize; 3]) {
-        let features = self.features(input);
-        let [b, d, h, w] = features.dims();
-        let rows = features.permute([0, 2, 3, 1]).reshape([b * h * w, d]);
-        let rows = match &self.projection {
-            Some(p) => rows.matmul(p.val()),
-            None => rows,
-        };
-        (rows, [b, h, w])
-    }
-
     /// Distance of every patch of an extractor input ([`PatchMemory::input`], side `s`) to its
     /// nearest good patch in the memory: `[batch, 1, s / 4, s / 4]`.
     pub fn distances(&self, input: Tensor<4>) -> Tensor<4> {
-        let (queries, [b, h, w]) = self.patch_rows(input);
-        let d = queries.dims()[1];
+        let features = self.features(input);
+        let [b, d, h, w] = features.dims();
+        let queries = features.permute([0, 2, 3, 1]).reshape([b * h * w, d]);
         let memory = self.memory.val();
         let memory_t = memory.clone().transpose();
         let memory_sq = memory.square().sum_dim(1).transpose(); // [1, n]
@@ -347,7 +303,6 @@ mod tests {
             contrast_window_px: 7,
             contrast_floor: 0.01,
             input_shrink: 2,
-            projected_dim: 0,
         }
     }
 

@@ -90,7 +90,7 @@ fn settings(app: &mut InkspectApp, ui: &mut egui::Ui) {
         {
             app.send(Command::StartTraining { resume: false });
         }
-        if let Some(ckpt) = app.checkpoint.as_ref().filter(|_| !running) {
+        if let Some(ckpt) = app.checkpoint.as_ref().filter(|_| !running && in_epochs) {
             let label = format!(
                 "Resume (epoch {} of {} done)",
                 ckpt.epochs_done, app.project.training.max_epochs

@@ -457,39 +457,52 @@ fn trained_model(dir: &Path) -> (PathBuf, Vec<u8>, TrainRequest) {
 #[test]
 fn damaged_model_files_are_clear_errors_never_panics() {
     let dir = tempfile::tempdir().unwrap();
-    let (model, bytes, _) = trained_model(dir.path());
+    let (model, autoencoder_bytes, req) = trained_model(dir.path());
     let device = cpu_device().device;
     assert!(ModelFile::load(&model, &device).is_ok());
+    // The same damage to a patch memory model (another network section in the same container).
+    let patch_memory = dir.path().join("pm.ink");
+    let pm_req = TrainRequest {
+        framework: Framework::PatchMemory,
+        model_path: patch_memory.clone(),
+        ..req
+    };
+    let (tx, _rx) = std::sync::mpsc::sync_channel(10_000);
+    train(pm_req, &tx, &StopFlag::new()).unwrap();
+    assert!(ModelFile::load(&patch_memory, &device).is_ok());
+    let pm_bytes = std::fs::read(&patch_memory).unwrap();
     let bad = dir.path().join("bad.ink");
-    let mut cases: Vec<(&str, Vec<u8>)> = vec![
-        ("empty", vec![]),
-        ("truncated", bytes[..bytes.len() / 2].to_vec()),
-        ("one byte short", bytes[..bytes.len() - 1].to_vec()),
-        ("not a model", b"PK\x03\x04 a zip file".to_vec()),
-    ];
-    let mut flipped = bytes.clone();
-    flipped[bytes.len() / 2] ^= 0x40;
-    cases.push(("one bit flipped", flipped));
-    let mut newer = bytes.clone();
-    newer[16..20].copy_from_slice(&99u32.to_le_bytes());
-    cases.push(("newer version", newer));
-    for (what, data) in cases {
-        std::fs::write(&bad, &data).unwrap();
-        let e = ModelFile::load(&bad, &device).expect_err(what);
-        assert!(e.to_string().contains("bad.ink"), "{what}: {e}");
+    for bytes in [autoencoder_bytes, pm_bytes] {
+        let mut cases: Vec<(&str, Vec<u8>)> = vec![
+            ("empty", vec![]),
+            ("truncated", bytes[..bytes.len() / 2].to_vec()),
+            ("one byte short", bytes[..bytes.len() - 1].to_vec()),
+            ("not a model", b"PK\x03\x04 a zip file".to_vec()),
+        ];
+        let mut flipped = bytes.clone();
+        flipped[bytes.len() / 2] ^= 0x40;
+        cases.push(("one bit flipped", flipped));
+        let mut newer = bytes.clone();
+        newer[16..20].copy_from_slice(&99u32.to_le_bytes());
+        cases.push(("newer version", newer));
+        for (what, data) in cases {
+            std::fs::write(&bad, &data).unwrap();
+            let e = ModelFile::load(&bad, &device).expect_err(what);
+            assert!(e.to_string().contains("bad.ink"), "{what}: {e}");
+        }
+        std::fs::write(&bad, {
+            let mut b = bytes.clone();
+            b[16..20].copy_from_slice(&99u32.to_le_bytes());
+            b
+        })
+        .unwrap();
+        assert!(
+            ModelFile::load(&bad, &device)
+                .unwrap_err()
+                .to_string()
+                .contains("update Inkspect")
+        );
     }
-    std::fs::write(&bad, {
-        let mut b = bytes.clone();
-        b[16..20].copy_from_slice(&99u32.to_le_bytes());
-        b
-    })
-    .unwrap();
-    assert!(
-        ModelFile::load(&bad, &device)
-            .unwrap_err()
-            .to_string()
-            .contains("update Inkspect")
-    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@
 //! 3. Inspection: the model on prepared images in batches (what PyTorch's twin times), and whole
 //!    files (decode, model, full-resolution map, region, verdict) in batches and one at a time.
 
+use crate::engine::dataset::import::ImportedImage;
+use crate::engine::training::TrainingSummary;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -112,32 +114,15 @@ pub fn run(args: &BenchArgs, device: &ComputeDevice) -> Result<()> {
     let model_path = work.path().join("bench.ink");
     reset_peak_memory();
     let memory_before = peak_memory_bytes();
-    // Room for every event of one epoch, so the training never waits on this unread channel.
-    let (tx, rx) = std::sync::mpsc::sync_channel(100_000);
-    let summary = train(
-        TrainRequest {
-            framework: Framework::ConvAutoencoder,
-            images: imported.imported.clone(),
-            dataset: DatasetSettings {
-                image_size_px: size,
-                complexity: args.complexity,
-            },
-            training: TrainingSettings {
-                max_epochs: 1,
-                batch_size: args.batch,
-                ..Default::default()
-            },
-            model_path: model_path.clone(),
-            cache: train_cache.clone(),
-            device: device.clone(),
-            resume: false,
-            memory_budget_bytes: None,
-        },
-        &tx,
-        &StopFlag::new(),
+    let summary = train_once(
+        Framework::ConvAutoencoder,
+        &imported.imported,
+        &train_cache,
+        &model_path,
+        args,
+        size,
+        device,
     )?;
-    drop(tx);
-    drop(rx); // Progress events are not needed here; the summary has the epoch's figures.
     let peak_training = peak_memory_bytes();
     let train_per_sec = summary.history[0].images_per_sec;
     let forward_gflop = forward_gflop_per_image(&spec, size);
@@ -181,30 +166,15 @@ pub fn run(args: &BenchArgs, device: &ComputeDevice) -> Result<()> {
     // 4. The patch memory: fit on the same images, then the same inspections.
     let pm_path = work.path().join("bench-pm.ink");
     reset_peak_memory();
-    let (tx, rx) = std::sync::mpsc::sync_channel(100_000);
-    let pm_summary = train(
-        TrainRequest {
-            framework: Framework::PatchMemory,
-            images: imported.imported.clone(),
-            dataset: DatasetSettings {
-                image_size_px: size,
-                complexity: args.complexity,
-            },
-            training: TrainingSettings {
-                batch_size: args.batch,
-                ..Default::default()
-            },
-            model_path: pm_path.clone(),
-            cache: train_cache,
-            device: device.clone(),
-            resume: false,
-            memory_budget_bytes: None,
-        },
-        &tx,
-        &StopFlag::new(),
+    let pm_summary = train_once(
+        Framework::PatchMemory,
+        &imported.imported,
+        &train_cache,
+        &pm_path,
+        args,
+        size,
+        device,
     )?;
-    drop(tx);
-    drop(rx);
     let pm_peak = peak_memory_bytes();
     let pm_fit_secs = pm_summary.train_secs;
     let pm_inspector = Inspector::load(&pm_path, &device.device)?;
@@ -266,6 +236,44 @@ pub fn run(args: &BenchArgs, device: &ComputeDevice) -> Result<()> {
             .with_context(|| format!("cannot write {}", out.display()))?;
     }
     Ok(())
+}
+
+/// One real training run of `framework` (one epoch for the autoencoder) on the imported images,
+/// writing `model_path`.
+fn train_once(
+    framework: Framework,
+    images: &[ImportedImage],
+    cache: &DatasetCache,
+    model_path: &Path,
+    args: &BenchArgs,
+    size: u32,
+    device: &ComputeDevice,
+) -> Result<TrainingSummary> {
+    // Room for every event of one epoch, so the training never waits on this unread channel;
+    // the summary has the figures.
+    let (tx, _rx) = std::sync::mpsc::sync_channel(100_000);
+    Ok(train(
+        TrainRequest {
+            framework,
+            images: images.to_vec(),
+            dataset: DatasetSettings {
+                image_size_px: size,
+                complexity: args.complexity,
+            },
+            training: TrainingSettings {
+                max_epochs: 1,
+                batch_size: args.batch,
+                ..Default::default()
+            },
+            model_path: model_path.to_path_buf(),
+            cache: cache.clone(),
+            device: device.clone(),
+            resume: false,
+            memory_budget_bytes: None,
+        },
+        &tx,
+        &StopFlag::new(),
+    )?)
 }
 
 fn table(f: &Value, torch: Option<&Value>) -> String {

@@ -108,6 +108,40 @@ fn test_scores(inspector: &Inspector, root: &Path) -> (Vec<f32>, Vec<f32>, Vec<C
     (good, nok, classes)
 }
 
+/// Scores the validation images (the deterministic split of the imported images, prepared at
+/// `size` in the cache) with the reloaded model and checks them against the validation scores the
+/// model file recorded when it was made, within `relative` tolerance.
+fn assert_reloaded_scores_match(
+    inspector: &Inspector,
+    report: &ImportReport,
+    cache: &DatasetCache,
+    size: u32,
+    relative: f32,
+) {
+    let keys: Vec<String> = report
+        .imported
+        .iter()
+        .map(|i| i.content_hash.clone())
+        .collect();
+    let split = split_train_validation(&keys, TrainingSettings::default().seed);
+    let prepared: Vec<_> = split
+        .validation
+        .iter()
+        .map(|&i| {
+            cache
+                .load(&keys[i], size, inspector.mode())
+                .expect("import or training filled the cache")
+        })
+        .collect();
+    let refs: Vec<_> = prepared.iter().collect();
+    let reloaded = inspector.scores_of_prepared(&refs, 4);
+    let recorded = &inspector.header.validation_scores;
+    assert_eq!(reloaded.len(), recorded.len());
+    for (a, b) in reloaded.iter().zip(recorded) {
+        assert!((a - b).abs() <= relative * b.abs().max(1e-3), "{a} vs {b}");
+    }
+}
+
 #[test]
 fn mono_training_separates_defects_reloads_identically_and_reports_progress() {
     let (dir, root, cache, report) = imported_demo(false);
@@ -150,28 +184,7 @@ fn mono_training_separates_defects_reloads_identically_and_reports_progress() {
     assert!(classes.iter().filter(|&&c| c == Class::Nok).count() * 2 >= classes.len());
 
     // The reloaded network gives the scores the in-memory network computed before saving.
-    let header = &inspector.header;
-    let keys: Vec<String> = report
-        .imported
-        .iter()
-        .map(|i| i.content_hash.clone())
-        .collect();
-    let split = split_train_validation(&keys, TrainingSettings::default().seed);
-    let prepared: Vec<_> = split
-        .validation
-        .iter()
-        .map(|&i| {
-            cache
-                .load(&keys[i], 64, ColourMode::Mono)
-                .expect("import filled the cache")
-        })
-        .collect();
-    let refs: Vec<_> = prepared.iter().collect();
-    let reloaded = inspector.scores_of_prepared(&refs, 4);
-    assert_eq!(reloaded.len(), header.validation_scores.len());
-    for (a, b) in reloaded.iter().zip(&header.validation_scores) {
-        assert!((a - b).abs() <= 1e-5 * b.abs().max(1e-3), "{a} vs {b}");
-    }
+    assert_reloaded_scores_match(&inspector, &report, &cache, 64, 1e-5);
 }
 
 #[test]
@@ -222,28 +235,7 @@ fn patch_memory_fits_in_one_pass_separates_defects_and_reloads_identically() {
         assert!(classes.iter().filter(|&&c| c == Class::Nok).count() * 2 >= classes.len());
 
         // The reloaded memory scores the validation images as the fitted one did.
-        let keys: Vec<String> = report
-            .imported
-            .iter()
-            .map(|i| i.content_hash.clone())
-            .collect();
-        let split = split_train_validation(&keys, TrainingSettings::default().seed);
-        let mode = inspector.mode();
-        let prepared: Vec<_> = split
-            .validation
-            .iter()
-            .map(|&i| {
-                cache
-                    .load(&keys[i], 128, mode)
-                    .expect("training filled the cache")
-            })
-            .collect();
-        let refs: Vec<_> = prepared.iter().collect();
-        let reloaded = inspector.scores_of_prepared(&refs, 4);
-        assert_eq!(reloaded.len(), header.validation_scores.len());
-        for (a, b) in reloaded.iter().zip(&header.validation_scores) {
-            assert!((a - b).abs() <= 1e-4 * b.abs().max(1e-3), "{a} vs {b}");
-        }
+        assert_reloaded_scores_match(&inspector, &report, &cache, 128, 1e-4);
     }
 }
 

@@ -303,6 +303,9 @@ fn the_default_patch_memory_trains_with_one_click_and_has_no_epochs_to_set() {
     step_until(&mut h, "fit", Duration::from_secs(300), |a| {
         !a.is_training()
     });
+    h.run();
+    // No learning curve for a fit: the tab says what the model scored instead.
+    h.get_by_label_contains("validation images score");
     let app = h.state();
     let model = app.project.model_path.clone().expect("model recorded");
     let header = inkspect::engine::model::ModelFile::read_header(&model).unwrap();

@@ -126,19 +126,31 @@ fn progress(app: &mut InkspectApp, ui: &mut egui::Ui) {
         ui.label(RichText::new(intro).size(15.0));
         if let Some(h) = app.model_header() {
             ui.add_space(style::GAP);
-            ui.label(format!(
-                "Current model: {} epochs, {:.0} s, final validation error {:.6}",
-                h.training.epochs_run,
-                h.training.train_secs,
-                h.training
-                    .history
-                    .last()
-                    .map(|r| r.validation_loss)
-                    .unwrap_or(f64::NAN)
-            ));
+            let last = h
+                .training
+                .history
+                .last()
+                .map_or(f64::NAN, |r| r.validation_loss);
+            ui.label(if h.framework.trains_in_epochs() {
+                format!(
+                    "Current model: {}, {} epochs, {:.0} s, final validation error {last:.6}",
+                    h.framework.display_name(),
+                    h.training.epochs_run,
+                    h.training.train_secs,
+                )
+            } else {
+                format!(
+                    "Current model: {}, fitted in {:.0} s on {} images; validation images score \
+                     {last:.3} on average",
+                    h.framework.display_name(),
+                    h.training.train_secs,
+                    h.training.n_train,
+                )
+            });
         }
         return;
     };
+    let fitted_in_one_pass = !app.project.framework.trains_in_epochs();
     ui.heading(&view.status);
     let epochs_done = view.history.len() as u32;
     let (epoch, fraction) = match view.batch {
@@ -151,9 +163,16 @@ fn progress(app: &mut InkspectApp, ui: &mut egui::Ui) {
             epochs_done as f32 / view.max_epochs.max(1) as f32,
         ),
     };
+    let bar_text = match view.batch {
+        Some((_, b, n)) if fitted_in_one_pass && view.handle.is_some() => {
+            format!("Reading good images: batch {b} of {n}")
+        }
+        _ if fitted_in_one_pass && epochs_done > 0 => "Fitted".to_string(),
+        _ => format!("Epoch {epoch} of {}", view.max_epochs),
+    };
     ui.add(
         egui::ProgressBar::new(fraction.clamp(0.0, 1.0))
-            .text(format!("Epoch {epoch} of {}", view.max_epochs))
+            .text(bar_text)
             .desired_width(ui.available_width().min(600.0)),
     );
     ui.horizontal(|ui| {
@@ -164,10 +183,17 @@ fn progress(app: &mut InkspectApp, ui: &mut egui::Ui) {
         }
         if let Some(last) = view.history.last() {
             ui.separator();
-            ui.label(format!(
-                "train error {:.6} · validation error {:.6}",
-                last.train_loss, last.validation_loss
-            ));
+            ui.label(if fitted_in_one_pass {
+                format!(
+                    "validation images score {:.3} on average",
+                    last.validation_loss
+                )
+            } else {
+                format!(
+                    "train error {:.6} · validation error {:.6}",
+                    last.train_loss, last.validation_loss
+                )
+            });
         }
     });
     if let Some(TrainingOutcome::Failed(msg)) = &view.outcome {
@@ -175,6 +201,16 @@ fn progress(app: &mut InkspectApp, ui: &mut egui::Ui) {
     }
     for w in &view.warnings {
         ui.label(RichText::new(w).color(style::WARN));
+    }
+    if fitted_in_one_pass {
+        // One pass has no learning curve: say what the model is instead.
+        ui.add_space(style::GAP);
+        ui.label(
+            "The patch memory keeps a sample of the good images' patches; an image's anomaly \
+             map is each patch's distance to the nearest remembered one. The suggested \
+             thresholds come from the validation images' scores (Evaluation tab).",
+        );
+        return;
     }
     let train: PlotPoints = view
         .history

@@ -23,8 +23,12 @@ use crate::engine::dataset::import::{ImageRole, ImportOptions, import_items, ite
 use crate::engine::dataset::prepare::{DatasetCache, DatasetSettings, PreparedImage};
 use crate::engine::device::ComputeDevice;
 use crate::engine::inference::{Inspector, anomaly_maps_at_model_size};
-use crate::engine::model::{AutoencoderSpec, Framework, autoencoder_spec_for};
-use crate::engine::training::{TrainRequest, TrainingSettings, estimate_training_memory, train};
+use crate::engine::model::{
+    AutoencoderSpec, Framework, autoencoder_spec_for, patch_memory_spec_for,
+};
+use crate::engine::training::{
+    TrainRequest, TrainingSettings, estimate_fit_memory, estimate_training_memory, train,
+};
 
 /// What to measure.
 #[derive(Debug, Clone, clap::Args)]
@@ -216,6 +220,14 @@ pub fn run(args: &BenchArgs, device: &ComputeDevice) -> Result<()> {
             "fit_secs": pm_fit_secs,
             "fit_images_per_sec": pm_summary.history[0].images_per_sec,
             "fit_peak_memory_mib": pm_peak.map(|b| b as f64 / 1048576.0),
+            "fit_memory_estimate_mib": estimate_fit_memory(
+                &patch_memory_spec_for(args.complexity, 1),
+                size,
+                args.batch,
+                args.train_images,
+            )
+            .total_bytes as f64
+                / 1048576.0,
             "infer_model_ms_per_image": pm_model_ms,
             "inspect_file_ms_per_image_batched": pm_files_ms,
         },
@@ -349,7 +361,8 @@ fn table(f: &Value, torch: Option<&Value>) -> String {
         num(&pm["inspect_file_ms_per_image_batched"])
     ));
     rows.push(format!(
-        "| patch memory: peak memory of the process while fitting, MiB | {} | – | – |",
+        "| patch memory: peak memory of the process while fitting, MiB (estimate checked before a run: {:.0}) | {} | – | – |",
+        num(&pm["fit_memory_estimate_mib"]),
         opt(pm["fit_peak_memory_mib"].as_f64(), 0)
     ));
     rows.join("\n")

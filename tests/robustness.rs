@@ -17,12 +17,12 @@ use inkspect::engine::dataset::prepare::{DatasetCache, DatasetSettings};
 use inkspect::engine::demo::{DemoSpec, write_demo_dataset};
 use inkspect::engine::device::cpu_device;
 use inkspect::engine::model::{
-    Checkpoint, Framework, ModelFile, autoencoder_spec_for, checkpoint_path,
+    Checkpoint, Framework, ModelFile, autoencoder_spec_for, checkpoint_path, patch_memory_spec_for,
 };
 use inkspect::engine::project::{Project, ProjectError};
 use inkspect::engine::training::{
-    TrainError, TrainEvent, TrainRequest, TrainingSettings, estimate_training_memory,
-    spawn_training, train,
+    TrainError, TrainEvent, TrainRequest, TrainingSettings, estimate_fit_memory,
+    estimate_training_memory, spawn_training, train,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -715,6 +715,15 @@ fn the_memory_estimate_grows_with_size_batch_and_images() {
     );
     assert!(estimate_training_memory(&spec, 320, 8, 4000).images_bytes == 10 * base.images_bytes);
     assert!(base.total_bytes < 2 * 1024 * 1024 * 1024, "{base:?}");
+    // The patch memory's fit: more images and a larger memory need more.
+    let pm = patch_memory_spec_for(20, 1);
+    let fit = estimate_fit_memory(&pm, 320, 8, 400);
+    assert!(estimate_fit_memory(&pm, 320, 8, 4000).images_bytes == 10 * fit.images_bytes);
+    assert!(
+        estimate_fit_memory(&patch_memory_spec_for(100, 1), 320, 8, 400).parameters_bytes
+            > fit.parameters_bytes
+    );
+    assert!(fit.total_bytes < 2 * 1024 * 1024 * 1024, "{fit:?}");
 }
 
 /// `kill -9` of a command-line training: the project and the previous model survive, the lock

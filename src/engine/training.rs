@@ -995,7 +995,9 @@ pub fn estimate_fit_memory(
     // Sampled rows plus the memory tensor and its transpose.
     let parameters_bytes = spec.parameter_count() as u64 * 4 * 3;
     let first = *spec.widths.first().unwrap_or(&1) as u64;
-    let activations_bytes = batch as u64 * area * (first + spec.channels as u64 * 4) * 4 * 3
+    // The extractor works on the input shrunk by `input_shrink`.
+    let shrunk = area / (spec.input_shrink.max(1) as u64).pow(2);
+    let activations_bytes = batch as u64 * shrunk * (first + spec.channels as u64 * 4) * 4 * 3
         + 1024 * spec.memory_patches as u64 * 4 * 3;
     MemoryEstimate {
         images_bytes,

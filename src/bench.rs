@@ -8,8 +8,6 @@
 //! 3. Inspection: the model on prepared images in batches (what PyTorch's twin times), and whole
 //!    files (decode, model, full-resolution map, region, verdict) in batches and one at a time.
 
-use crate::engine::dataset::import::ImportedImage;
-use crate::engine::training::TrainingSummary;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -19,7 +17,9 @@ use serde_json::{Value, json};
 
 use crate::engine::StopFlag;
 use crate::engine::dataset::decode::{ColourMode, decode_image};
-use crate::engine::dataset::import::{ImageRole, ImportOptions, import_items, items_with_role};
+use crate::engine::dataset::import::{
+    ImageRole, ImportOptions, ImportedImage, import_items, items_with_role,
+};
 use crate::engine::dataset::prepare::{DatasetCache, DatasetSettings, PreparedImage};
 use crate::engine::device::ComputeDevice;
 use crate::engine::inference::{Inspector, anomaly_maps_at_model_size};
@@ -27,7 +27,8 @@ use crate::engine::model::{
     AutoencoderSpec, Framework, autoencoder_spec_for, patch_memory_spec_for,
 };
 use crate::engine::training::{
-    TrainRequest, TrainingSettings, estimate_fit_memory, estimate_training_memory, train,
+    TrainRequest, TrainingSettings, TrainingSummary, estimate_fit_memory, estimate_training_memory,
+    train,
 };
 
 /// What to measure.

@@ -16,7 +16,7 @@ use inkspect::engine::inference::{Class, Inspector};
 use inkspect::engine::metrics::auroc;
 use inkspect::engine::model::{Framework, ModelFile};
 use inkspect::engine::training::{
-    StopReason, TrainEvent, TrainRequest, TrainingSettings, spawn_training,
+    EpochReport, StopReason, TrainEvent, TrainRequest, TrainingSettings, spawn_training,
 };
 
 fn demo(dir: &Path, colour: bool) -> PathBuf {
@@ -83,6 +83,17 @@ fn run_to_end(req: TrainRequest) -> Vec<TrainEvent> {
         .join()
         .expect("training thread does not panic");
     events
+}
+
+/// The epoch reports among `events`, in order.
+fn epoch_reports(events: &[TrainEvent]) -> Vec<EpochReport> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::Epoch(r) => Some(*r),
+            _ => None,
+        })
+        .collect()
 }
 
 fn test_scores(inspector: &Inspector, root: &Path) -> (Vec<f32>, Vec<f32>, Vec<Class>) {
@@ -159,13 +170,7 @@ fn mono_training_separates_defects_reloads_identically_and_reports_progress() {
         },
     ));
     assert!(matches!(events.first(), Some(TrainEvent::Preparing { .. })));
-    let epochs: Vec<_> = events
-        .iter()
-        .filter_map(|e| match e {
-            TrainEvent::Epoch(r) => Some(*r),
-            _ => None,
-        })
-        .collect();
+    let epochs = epoch_reports(&events);
     assert_eq!(epochs.len(), 40);
     assert!(
         epochs.last().unwrap().train_loss < epochs[0].train_loss,
@@ -198,13 +203,7 @@ fn patch_memory_fits_in_one_pass_separates_defects_and_reloads_identically() {
         // patches wide.
         req.dataset.image_size_px = 128;
         let events = run_to_end(req);
-        let epochs: Vec<_> = events
-            .iter()
-            .filter_map(|e| match e {
-                TrainEvent::Epoch(r) => Some(*r),
-                _ => None,
-            })
-            .collect();
+        let epochs = epoch_reports(&events);
         assert_eq!(epochs.len(), 1, "fitted in one pass: {epochs:?}");
         let Some(TrainEvent::Finished { summary, .. }) = events.last() else {
             panic!("last event is Finished: {:?}", events.last());

@@ -684,21 +684,14 @@ fn run(
         &device,
         None,
     ));
-    let scoring_set = if val_set.is_empty() {
-        &train_set
-    } else {
-        &val_set
-    };
-    let scores = image_scores(
+    let (scores, thresholds) = validation_scores(
         &trained,
-        scoring_set,
+        &train_set,
+        &val_set,
         settings.batch_size,
         &device,
         error_stats.as_ref(),
-    );
-    let thresholds = suggest_thresholds(&scores).ok_or(TrainError::TooFewImages {
-        found: prepared.len(),
-    })?;
+    )?;
     let model = ModelFile {
         header: ModelHeader {
             framework: request.framework,
@@ -746,6 +739,28 @@ fn save_model(
         thresholds: model.header.suggested_thresholds,
     });
     Ok(summary)
+}
+
+/// Scores of the validation images (the training images when there are none, which makes the
+/// suggestion optimistic) and the thresholds suggested from them.
+fn validation_scores(
+    network: &Network,
+    train_set: &[&PreparedImage],
+    val_set: &[&PreparedImage],
+    batch_size: usize,
+    device: &Device,
+    stats: Option<&ErrorStats>,
+) -> Result<(Vec<f32>, Thresholds), TrainError> {
+    let scoring_set = if val_set.is_empty() {
+        train_set
+    } else {
+        val_set
+    };
+    let scores = image_scores(network, scoring_set, batch_size, device, stats);
+    let thresholds = suggest_thresholds(&scores).ok_or(TrainError::TooFewImages {
+        found: train_set.len() + val_set.len(),
+    })?;
+    Ok((scores, thresholds))
 }
 
 /// A fitted patch memory and what its validation images scored.
@@ -834,15 +849,14 @@ fn fit_patch_memory(
     if stop.is_set() {
         return Err(TrainError::Cancelled { epochs_done: 0 });
     }
-    let scoring_set = if val_set.is_empty() {
-        train_set
-    } else {
-        val_set
-    };
-    let scores = image_scores(&network, scoring_set, settings.batch_size, &device, None);
-    let thresholds = suggest_thresholds(&scores).ok_or(TrainError::TooFewImages {
-        found: train_set.len() + val_set.len(),
-    })?;
+    let (scores, thresholds) = validation_scores(
+        &network,
+        train_set,
+        val_set,
+        settings.batch_size,
+        &device,
+        None,
+    )?;
     let mean_score = scores.iter().map(|&s| f64::from(s)).sum::<f64>() / scores.len().max(1) as f64;
     let elapsed_secs = start.elapsed().as_secs_f64();
     let report = EpochReport {

@@ -5,11 +5,11 @@
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
 use burn::prelude::*;
-use burn::tensor::activation::{leaky_relu, sigmoid};
+use burn::tensor::activation::leaky_relu;
 use serde::{Deserialize, Serialize};
 
-/// Slope of the leaky ReLU activations.
-const LEAKY_SLOPE: f64 = 0.2;
+use super::conv_kernels::{Activation, LEAKY_SLOPE};
+use super::conv_ops::{conv_down, conv_up};
 
 /// Shape of a [`ConvAutoencoder`]; saved in the model file so the file is self-describing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,19 +90,22 @@ pub struct ConvAutoencoder {
 impl ConvAutoencoder {
     /// Reconstruction of `images` (`[batch, channels, size, size]`, values in `[0, 1]`).
     pub fn forward(&self, images: Tensor<4>) -> Tensor<4> {
+        let slope = f64::from(LEAKY_SLOPE);
         let mut x = images;
         for conv in &self.encoder {
-            x = leaky_relu(conv.forward(x), LEAKY_SLOPE);
+            x = conv_down(conv, x, Activation::LeakyRelu);
         }
-        x = leaky_relu(self.to_latent.forward(x), LEAKY_SLOPE);
-        x = leaky_relu(self.from_latent.forward(x), LEAKY_SLOPE);
+        x = leaky_relu(self.to_latent.forward(x), slope);
+        x = leaky_relu(self.from_latent.forward(x), slope);
         let last = self.decoder.len().saturating_sub(1);
         for (i, deconv) in self.decoder.iter().enumerate() {
-            x = deconv.forward(x);
-            if i < last {
-                x = leaky_relu(x, LEAKY_SLOPE);
-            }
+            let activation = if i < last {
+                Activation::LeakyRelu
+            } else {
+                Activation::Sigmoid
+            };
+            x = conv_up(deconv, x, activation);
         }
-        sigmoid(x)
+        x
     }
 }

@@ -3,6 +3,8 @@
 
 pub mod autoencoder;
 pub mod checkpoint;
+pub mod conv_kernels;
+pub mod conv_ops;
 pub mod file;
 pub mod patch_memory;
 

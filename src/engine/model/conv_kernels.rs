@@ -1,0 +1,581 @@
+//! Hand-written CPU kernels for the autoencoder's layers: 4x4 convolutions of stride 2 and
+//! padding 1 (the encoder) and their transposes (the decoder), with the bias and the activation
+//! fused in, forward and backward.
+//!
+//! burn's `flex` backend computes the gradients of these layers through generic fallbacks (a
+//! transposed convolution for the input gradient, a convolution with the batch as channels for the
+//! weight gradient) that reach 2-13 GFLOP/s on this project's 2-core machine. Here every pass is
+//! one `im2col` / `col2im` copy and one matrix product per image through the `gemm` crate (the
+//! same one `flex` uses for its forward convolutions), with the images of a batch spread over
+//! threads. Plain slices in, plain vectors out: no burn types, so the kernels are testable alone.
+
+use rayon::prelude::*;
+
+/// Kernel side of every layer.
+pub const KERNEL: usize = 4;
+/// Taps per input channel (`KERNEL * KERNEL`).
+const TAPS: usize = KERNEL * KERNEL;
+
+/// The activation fused after the bias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// None: the layer's raw output.
+    Identity,
+    /// Leaky ReLU with slope [`LEAKY_SLOPE`] below zero.
+    LeakyRelu,
+    /// The logistic sigmoid.
+    Sigmoid,
+}
+
+/// Slope of the leaky ReLU below zero.
+pub const LEAKY_SLOPE: f32 = 0.2;
+
+impl Activation {
+    fn apply(self, v: &mut [f32]) {
+        match self {
+            Activation::Identity => {}
+            Activation::LeakyRelu => v.iter_mut().for_each(|x| {
+                if *x < 0.0 {
+                    *x *= LEAKY_SLOPE
+                }
+            }),
+            Activation::Sigmoid => v.iter_mut().for_each(|x| *x = 1.0 / (1.0 + (-*x).exp())),
+        }
+    }
+
+    /// Gradient before the activation, from the gradient after it and the activation's output
+    /// (each of these activations' derivatives is a function of its output).
+    fn backward(self, output: &[f32], grad: &mut [f32]) {
+        match self {
+            Activation::Identity => {}
+            Activation::LeakyRelu => grad.iter_mut().zip(output).for_each(|(g, &y)| {
+                if y < 0.0 {
+                    *g *= LEAKY_SLOPE
+                }
+            }),
+            Activation::Sigmoid => grad
+                .iter_mut()
+                .zip(output)
+                .for_each(|(g, &y)| *g *= y * (1.0 - y)),
+        }
+    }
+}
+
+/// Side of the output of a 4x4, stride-2, padding-1 convolution over `side` pixels (`side / 2`
+/// for even sides).
+pub fn down_side(side: usize) -> usize {
+    (side + 2).saturating_sub(KERNEL) / 2 + 1
+}
+
+/// Side of the output of the transposed layer over `side` pixels (`2 * side`).
+pub fn up_side(side: usize) -> usize {
+    2 * side
+}
+
+/// Shape of one layer call: batch and channels, image sides on the large (full-resolution) side
+/// of the layer, whichever direction it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerShape {
+    /// Images in the batch.
+    pub batch: usize,
+    /// Channels on the large side (the encoder layer's input, the decoder layer's output).
+    pub wide_channels: usize,
+    /// Channels on the small side (the encoder layer's output, the decoder layer's input).
+    pub narrow_channels: usize,
+    /// Height of the large side.
+    pub height: usize,
+    /// Width of the large side.
+    pub width: usize,
+}
+
+impl LayerShape {
+    fn wide_plane(&self) -> usize {
+        self.height * self.width
+    }
+    fn narrow_plane(&self) -> usize {
+        down_side(self.height) * down_side(self.width)
+    }
+    fn wide_len(&self) -> usize {
+        self.wide_channels * self.wide_plane()
+    }
+    fn narrow_len(&self) -> usize {
+        self.narrow_channels * self.narrow_plane()
+    }
+    /// Rows of the column matrix: one per wide channel and tap.
+    fn taps(&self) -> usize {
+        self.wide_channels * TAPS
+    }
+}
+
+/// Range of output columns `o` whose input column `2 o + tap - 1` lies inside `0..side`.
+fn valid_range(tap: usize, side: usize, out_side: usize) -> (usize, usize) {
+    let lo = usize::from(tap == 0);
+    let hi = if side + 1 >= tap {
+        ((side + 1 - tap).div_ceil(2)).min(out_side)
+    } else {
+        0
+    };
+    (lo, hi.max(lo))
+}
+
+/// Copies the 4x4 patches of `image` (`[channels, h, w]`) into the columns of `cols`
+/// (`[channels * 16, ho * wo]`), zero outside the image.
+fn im2col(image: &[f32], channels: usize, h: usize, w: usize, cols: &mut [f32]) {
+    let (ho, wo) = (down_side(h), down_side(w));
+    let n = ho * wo;
+    for c in 0..channels {
+        let plane = &image[c * h * w..(c + 1) * h * w];
+        for ky in 0..KERNEL {
+            for kx in 0..KERNEL {
+                let row = &mut cols[(c * TAPS + ky * KERNEL + kx) * n..][..n];
+                let (x_lo, x_hi) = valid_range(kx, w, wo);
+                for (oy, out) in row.chunks_exact_mut(wo).enumerate() {
+                    let iy = 2 * oy + ky;
+                    if iy == 0 || iy > h {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[(iy - 1) * w..iy * w];
+                    out[..x_lo].fill(0.0);
+                    out[x_hi..].fill(0.0);
+                    for (ox, o) in out[x_lo..x_hi].iter_mut().enumerate() {
+                        *o = src[2 * (ox + x_lo) + kx - 1];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: adds every column entry back onto its pixel of `image`
+/// (`[channels, h, w]`, which the caller zeroes or pre-fills).
+fn col2im(cols: &[f32], channels: usize, h: usize, w: usize, image: &mut [f32]) {
+    let (ho, wo) = (down_side(h), down_side(w));
+    let n = ho * wo;
+    for c in 0..channels {
+        let plane = &mut image[c * h * w..(c + 1) * h * w];
+        for ky in 0..KERNEL {
+            for kx in 0..KERNEL {
+                let row = &cols[(c * TAPS + ky * KERNEL + kx) * n..][..n];
+                let (x_lo, x_hi) = valid_range(kx, w, wo);
+                for (oy, src) in row.chunks_exact(wo).enumerate() {
+                    let iy = 2 * oy + ky;
+                    if iy == 0 || iy > h {
+                        continue;
+                    }
+                    let dst = &mut plane[(iy - 1) * w..iy * w];
+                    for (ox, &v) in src[x_lo..x_hi].iter().enumerate() {
+                        dst[2 * (ox + x_lo) + kx - 1] += v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A matrix operand of [`matmul`]: a pointer-free view with row and column strides.
+#[derive(Clone, Copy)]
+struct Operand<'a> {
+    data: &'a [f32],
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Operand<'a> {
+    fn rows(data: &'a [f32], cols: usize) -> Self {
+        Operand {
+            data,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+    fn transposed(data: &'a [f32], cols_of_stored: usize) -> Self {
+        Operand {
+            data,
+            row_stride: 1,
+            col_stride: cols_of_stored,
+        }
+    }
+}
+
+/// `dst (m x n, row-major) (+)= lhs (m x k) * rhs (k x n)`.
+fn matmul(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Operand,
+    rhs: Operand,
+    accumulate: bool,
+    threads: gemm::Parallelism,
+) {
+    let extent = |o: &Operand, rows: usize, cols: usize| {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * o.row_stride + (cols - 1) * o.col_stride + 1
+        }
+    };
+    assert!(dst.len() >= m * n, "matmul: destination too small");
+    assert!(lhs.data.len() >= extent(&lhs, m, k), "matmul: lhs too small");
+    assert!(rhs.data.len() >= extent(&rhs, k, n), "matmul: rhs too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the asserts above keep every index gemm reads or writes inside the slices; `dst`
+    // is borrowed mutably, so it aliases neither operand.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            threads,
+        );
+    }
+}
+
+/// How a batch is spread over threads: whole images per thread when there are enough images,
+/// else each matrix product is split.
+fn gemm_threads(batch: usize) -> gemm::Parallelism {
+    let threads = rayon::current_num_threads();
+    if batch >= threads || threads == 1 {
+        gemm::Parallelism::None
+    } else {
+        gemm::Parallelism::Rayon(threads)
+    }
+}
+
+/// Runs `per_image` over the batch (in parallel when the batch fills the threads).
+fn for_each_image<F>(batch: usize, out: &mut [f32], per_image: F)
+where
+    F: Fn(usize, &mut [f32]) + Send + Sync,
+{
+    let len = out.len() / batch.max(1);
+    if len == 0 {
+        return;
+    }
+    if matches!(gemm_threads(batch), gemm::Parallelism::None) {
+        out.par_chunks_mut(len)
+            .enumerate()
+            .for_each(|(i, o)| per_image(i, o));
+    } else {
+        out.chunks_mut(len)
+            .enumerate()
+            .for_each(|(i, o)| per_image(i, o));
+    }
+}
+
+fn add_bias(out: &mut [f32], bias: &[f32]) {
+    let plane = out.len() / bias.len().max(1);
+    for (chunk, &b) in out.chunks_exact_mut(plane).zip(bias) {
+        chunk.iter_mut().for_each(|v| *v += b);
+    }
+}
+
+/// Encoder layer forward: `x [batch, wide, h, w]`, `weight [narrow, wide, 4, 4]`,
+/// `bias [narrow]` → `[batch, narrow, h/2, w/2]`.
+pub fn down_forward(
+    s: LayerShape,
+    x: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    act: Activation,
+) -> Vec<f32> {
+    let (p, k) = (s.narrow_plane(), s.taps());
+    let threads = gemm_threads(s.batch);
+    let mut out = vec![0.0f32; s.batch * s.narrow_len()];
+    for_each_image(s.batch, &mut out, |i, y| {
+        let mut cols = vec![0.0f32; k * p];
+        im2col(
+            &x[i * s.wide_len()..][..s.wide_len()],
+            s.wide_channels,
+            s.height,
+            s.width,
+            &mut cols,
+        );
+        for (chunk, &b) in y.chunks_exact_mut(p).zip(bias) {
+            chunk.fill(b);
+        }
+        let lhs = Operand::rows(weight, k);
+        matmul(
+            y,
+            s.narrow_channels,
+            p,
+            k,
+            lhs,
+            Operand::rows(&cols, p),
+            true,
+            threads,
+        );
+        act.apply(y);
+    });
+    out
+}
+
+/// Decoder layer forward: `x [batch, narrow, h/2, w/2]`, `weight [narrow, wide, 4, 4]` (burn's
+/// transposed-convolution layout), `bias [wide]` → `[batch, wide, h, w]`.
+pub fn up_forward(
+    s: LayerShape,
+    x: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    act: Activation,
+) -> Vec<f32> {
+    let (p, k) = (s.narrow_plane(), s.taps());
+    let threads = gemm_threads(s.batch);
+    let mut out = vec![0.0f32; s.batch * s.wide_len()];
+    for_each_image(s.batch, &mut out, |i, y| {
+        let mut cols = vec![0.0f32; k * p];
+        matmul(
+            &mut cols,
+            k,
+            p,
+            s.narrow_channels,
+            Operand::transposed(weight, k),
+            Operand::rows(&x[i * s.narrow_len()..][..s.narrow_len()], p),
+            false,
+            threads,
+        );
+        col2im(&cols, s.wide_channels, s.height, s.width, y);
+        add_bias(y, bias);
+        act.apply(y);
+    });
+    out
+}
+
+/// Gradients of one layer call.
+#[derive(Debug, Clone)]
+pub struct LayerGrads {
+    /// Gradient of the input, when asked for.
+    pub input: Option<Vec<f32>>,
+    /// Gradient of the weight (the weight's layout).
+    pub weight: Vec<f32>,
+    /// Gradient of the bias.
+    pub bias: Vec<f32>,
+}
+
+/// Per-thread partial sums of the weight and bias gradients.
+fn sum_partials(parts: Vec<(Vec<f32>, Vec<f32>)>, w_len: usize, b_len: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut w = vec![0.0f32; w_len];
+    let mut b = vec![0.0f32; b_len];
+    for (pw, pb) in parts {
+        w.iter_mut().zip(&pw).for_each(|(a, v)| *a += v);
+        b.iter_mut().zip(&pb).for_each(|(a, v)| *a += v);
+    }
+    (w, b)
+}
+
+/// Splits the batch into one contiguous run of images per thread.
+fn image_runs(batch: usize) -> Vec<std::ops::Range<usize>> {
+    let runs = if matches!(gemm_threads(batch), gemm::Parallelism::None) {
+        rayon::current_num_threads().min(batch).max(1)
+    } else {
+        1
+    };
+    (0..runs)
+        .map(|r| r * batch / runs..(r + 1) * batch / runs)
+        .collect()
+}
+
+/// Encoder layer backward, from its input `x`, `weight`, its (activated) `output` and the
+/// gradient of that output.
+pub fn down_backward(
+    s: LayerShape,
+    x: &[f32],
+    weight: &[f32],
+    output: &[f32],
+    output_grad: &[f32],
+    act: Activation,
+    want_input_grad: bool,
+) -> LayerGrads {
+    let (p, k, co) = (s.narrow_plane(), s.taps(), s.narrow_channels);
+    let threads = gemm_threads(s.batch);
+    let mut input_grad = want_input_grad.then(|| vec![0.0f32; s.batch * s.wide_len()]);
+    let input_grad_ptr = input_grad.as_mut().map(|g| SharedOut(g.as_mut_ptr(), g.len()));
+    let parts: Vec<(Vec<f32>, Vec<f32>)> = image_runs(s.batch)
+        .into_par_iter()
+        .map(|run| {
+            let mut dw = vec![0.0f32; co * k];
+            let mut db = vec![0.0f32; co];
+            let mut cols = vec![0.0f32; k * p];
+            let mut dz = vec![0.0f32; s.narrow_len()];
+            for i in run {
+                let range = i * s.narrow_len()..(i + 1) * s.narrow_len();
+                dz.copy_from_slice(&output_grad[range.clone()]);
+                act.backward(&output[range], &mut dz);
+                for (b, chunk) in db.iter_mut().zip(dz.chunks_exact(p)) {
+                    *b += chunk.iter().sum::<f32>();
+                }
+                let xi = &x[i * s.wide_len()..][..s.wide_len()];
+                im2col(xi, s.wide_channels, s.height, s.width, &mut cols);
+                matmul(
+                    &mut dw,
+                    co,
+                    k,
+                    p,
+                    Operand::rows(&dz, p),
+                    Operand::transposed(&cols, p),
+                    true,
+                    threads,
+                );
+                if let Some(shared) = input_grad_ptr {
+                    matmul(
+                        &mut cols,
+                        k,
+                        p,
+                        co,
+                        Operand::transposed(weight, k),
+                        Operand::rows(&dz, p),
+                        false,
+                        threads,
+                    );
+                    // SAFETY: each image writes only its own disjoint range of the input gradient.
+                    let dx = unsafe { shared.range(i * s.wide_len(), s.wide_len()) };
+                    col2im(&cols, s.wide_channels, s.height, s.width, dx);
+                }
+            }
+            (dw, db)
+        })
+        .collect();
+    let (weight_grad, bias_grad) = sum_partials(parts, co * k, co);
+    LayerGrads {
+        input: input_grad,
+        weight: weight_grad,
+        bias: bias_grad,
+    }
+}
+
+/// Decoder layer backward, from its input `x`, `weight`, its (activated) `output` and the
+/// gradient of that output.
+pub fn up_backward(
+    s: LayerShape,
+    x: &[f32],
+    weight: &[f32],
+    output: &[f32],
+    output_grad: &[f32],
+    act: Activation,
+    want_input_grad: bool,
+) -> LayerGrads {
+    let (p, k, ci, co) = (s.narrow_plane(), s.taps(), s.narrow_channels, s.wide_channels);
+    let threads = gemm_threads(s.batch);
+    let mut input_grad = want_input_grad.then(|| vec![0.0f32; s.batch * s.narrow_len()]);
+    let input_grad_ptr = input_grad.as_mut().map(|g| SharedOut(g.as_mut_ptr(), g.len()));
+    let parts: Vec<(Vec<f32>, Vec<f32>)> = image_runs(s.batch)
+        .into_par_iter()
+        .map(|run| {
+            let mut dw = vec![0.0f32; ci * k];
+            let mut db = vec![0.0f32; co];
+            let mut cols = vec![0.0f32; k * p];
+            let mut dz = vec![0.0f32; s.wide_len()];
+            for i in run {
+                let range = i * s.wide_len()..(i + 1) * s.wide_len();
+                dz.copy_from_slice(&output_grad[range.clone()]);
+                act.backward(&output[range], &mut dz);
+                for (b, chunk) in db.iter_mut().zip(dz.chunks_exact(s.wide_plane())) {
+                    *b += chunk.iter().sum::<f32>();
+                }
+                im2col(&dz, co, s.height, s.width, &mut cols);
+                let xi = &x[i * s.narrow_len()..][..s.narrow_len()];
+                matmul(
+                    &mut dw,
+                    ci,
+                    k,
+                    p,
+                    Operand::rows(xi, p),
+                    Operand::transposed(&cols, p),
+                    true,
+                    threads,
+                );
+                if let Some(shared) = input_grad_ptr {
+                    // SAFETY: each image writes only its own disjoint range of the input gradient.
+                    let dx = unsafe { shared.range(i * s.narrow_len(), s.narrow_len()) };
+                    matmul(
+                        dx,
+                        ci,
+                        p,
+                        k,
+                        Operand::rows(weight, k),
+                        Operand::rows(&cols, p),
+                        false,
+                        threads,
+                    );
+                }
+            }
+            (dw, db)
+        })
+        .collect();
+    let (weight_grad, bias_grad) = sum_partials(parts, ci * k, co);
+    LayerGrads {
+        input: input_grad,
+        weight: weight_grad,
+        bias: bias_grad,
+    }
+}
+
+/// A raw view of an output buffer that threads fill in disjoint ranges.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32, usize);
+
+// SAFETY: only used to hand disjoint ranges of one buffer to different threads.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// No two live slices from the same buffer may overlap.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn range(&self, start: usize, len: usize) -> &mut [f32] {
+        assert!(start + len <= self.1, "range outside the buffer");
+        // SAFETY: inside the buffer (asserted); disjointness is the caller's promise.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_ranges_match_a_bounds_check() {
+        for side in 1..12 {
+            let out = down_side(side);
+            for tap in 0..KERNEL {
+                let expect: Vec<usize> = (0..out)
+                    .filter(|&o| (2 * o + tap) >= 1 && 2 * o + tap - 1 < side)
+                    .collect();
+                let (lo, hi) = valid_range(tap, side, out);
+                assert_eq!((lo..hi).collect::<Vec<_>>(), expect, "side {side} tap {tap}");
+            }
+        }
+    }
+
+    #[test]
+    fn col2im_is_the_adjoint_of_im2col() {
+        let (c, h, w) = (2, 6, 8);
+        let image: Vec<f32> = (0..c * h * w).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+        let n = down_side(h) * down_side(w) * c * TAPS;
+        let probe: Vec<f32> = (0..n).map(|i| ((i * 5) % 13) as f32 - 6.0).collect();
+        let mut cols = vec![0.0; n];
+        im2col(&image, c, h, w, &mut cols);
+        let mut back = vec![0.0; image.len()];
+        col2im(&probe, c, h, w, &mut back);
+        let lhs: f32 = cols.iter().zip(&probe).map(|(a, b)| a * b).sum();
+        let rhs: f32 = image.iter().zip(&back).map(|(a, b)| a * b).sum();
+        assert_eq!(lhs, rhs);
+    }
+}

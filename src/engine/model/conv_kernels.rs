@@ -118,56 +118,128 @@ fn valid_range(tap: usize, side: usize, out_side: usize) -> (usize, usize) {
     (lo, hi.max(lo))
 }
 
-/// Copies the 4x4 patches of `image` (`[channels, h, w]`) into the columns of `cols`
-/// (`[channels * 16, ho * wo]`), zero outside the image.
-fn im2col(image: &[f32], channels: usize, h: usize, w: usize, cols: &mut [f32]) {
-    let (ho, wo) = (down_side(h), down_side(w));
-    let n = ho * wo;
+/// Floats of column matrix worked on at once: 256 KiB, half of this machine's per-core L2 cache.
+const BAND_FLOATS: usize = 64 * 1024;
+
+/// A band of output rows on the narrow side, whose column matrix is built and used at once so it
+/// stays in cache.
+type Band = std::ops::Range<usize>;
+
+/// Splits the narrow side's rows into bands of about [`BAND_FLOATS`] column-matrix floats.
+fn bands(s: &LayerShape) -> Vec<Band> {
+    let (ho, wo) = (down_side(s.height), down_side(s.width));
+    let rows = (BAND_FLOATS / (s.taps() * wo).max(1)).clamp(1, ho.max(1));
+    (0..ho).step_by(rows).map(|r| r..(r + rows).min(ho)).collect()
+}
+
+/// One image row split into its even and odd pixels: each of the four horizontal taps of a
+/// stride-2 layer reads one of them, shifted, as a contiguous run.
+struct RowSplit {
+    even: Vec<f32>,
+    odd: Vec<f32>,
+}
+
+impl RowSplit {
+    fn new(w: usize) -> Self {
+        RowSplit {
+            even: vec![0.0; w.div_ceil(2) + 1],
+            odd: vec![0.0; w / 2 + 1],
+        }
+    }
+
+    fn load(&mut self, row: &[f32]) {
+        for (i, pair) in row.chunks(2).enumerate() {
+            self.even[i] = pair[0];
+            if let Some(&v) = pair.get(1) {
+                self.odd[i] = v;
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.even.fill(0.0);
+        self.odd.fill(0.0);
+    }
+
+    fn add_to(&self, row: &mut [f32]) {
+        for (i, pair) in row.chunks_mut(2).enumerate() {
+            pair[0] += self.even[i];
+            if let Some(v) = pair.get_mut(1) {
+                *v += self.odd[i];
+            }
+        }
+    }
+
+    /// The half-row that tap `kx` reads, and `shift`: output column `o` reads input column
+    /// `2 o + kx - 1`, which is the half-row's entry `o + shift - 1`.
+    fn tap(&mut self, kx: usize) -> (&mut [f32], usize) {
+        match kx {
+            0 => (&mut self.odd, 0),
+            1 => (&mut self.even, 1),
+            2 => (&mut self.odd, 1),
+            _ => (&mut self.even, 2),
+        }
+    }
+}
+
+/// Copies the 4x4 patches under the output rows `band` of `image` (`[channels, h, w]`) into the
+/// columns of `cols` (`[channels * 16, band.len() * wo]`), zero outside the image.
+fn im2col(image: &[f32], channels: usize, h: usize, w: usize, band: Band, cols: &mut [f32]) {
+    let wo = down_side(w);
+    let n = band.len() * wo;
+    let mut split = RowSplit::new(w);
     for c in 0..channels {
         let plane = &image[c * h * w..(c + 1) * h * w];
         for ky in 0..KERNEL {
-            for kx in 0..KERNEL {
-                let row = &mut cols[(c * TAPS + ky * KERNEL + kx) * n..][..n];
-                let (x_lo, x_hi) = valid_range(kx, w, wo);
-                for (oy, out) in row.chunks_exact_mut(wo).enumerate() {
-                    let iy = 2 * oy + ky;
-                    if iy == 0 || iy > h {
-                        out.fill(0.0);
-                        continue;
+            for (r, oy) in band.clone().enumerate() {
+                let base = (c * TAPS + ky * KERNEL) * n + r * wo;
+                let iy = 2 * oy + ky;
+                if iy == 0 || iy > h {
+                    for kx in 0..KERNEL {
+                        cols[base + kx * n..][..wo].fill(0.0);
                     }
-                    let src = &plane[(iy - 1) * w..iy * w];
-                    out[..x_lo].fill(0.0);
-                    out[x_hi..].fill(0.0);
-                    for (ox, o) in out[x_lo..x_hi].iter_mut().enumerate() {
-                        *o = src[2 * (ox + x_lo) + kx - 1];
-                    }
+                    continue;
+                }
+                split.load(&plane[(iy - 1) * w..iy * w]);
+                for kx in 0..KERNEL {
+                    let out = &mut cols[base + kx * n..][..wo];
+                    let (lo, hi) = valid_range(kx, w, wo);
+                    let (half, shift) = split.tap(kx);
+                    out[..lo].fill(0.0);
+                    out[hi..].fill(0.0);
+                    out[lo..hi].copy_from_slice(&half[lo + shift - 1..hi + shift - 1]);
                 }
             }
         }
     }
 }
 
-/// The adjoint of [`im2col`]: adds every column entry back onto its pixel of `image`
+/// The adjoint of [`im2col`]: adds every column entry of `band` back onto its pixel of `image`
 /// (`[channels, h, w]`, which the caller zeroes or pre-fills).
-fn col2im(cols: &[f32], channels: usize, h: usize, w: usize, image: &mut [f32]) {
-    let (ho, wo) = (down_side(h), down_side(w));
-    let n = ho * wo;
+fn col2im(cols: &[f32], channels: usize, h: usize, w: usize, band: Band, image: &mut [f32]) {
+    let wo = down_side(w);
+    let n = band.len() * wo;
+    let mut split = RowSplit::new(w);
     for c in 0..channels {
         let plane = &mut image[c * h * w..(c + 1) * h * w];
         for ky in 0..KERNEL {
-            for kx in 0..KERNEL {
-                let row = &cols[(c * TAPS + ky * KERNEL + kx) * n..][..n];
-                let (x_lo, x_hi) = valid_range(kx, w, wo);
-                for (oy, src) in row.chunks_exact(wo).enumerate() {
-                    let iy = 2 * oy + ky;
-                    if iy == 0 || iy > h {
-                        continue;
-                    }
-                    let dst = &mut plane[(iy - 1) * w..iy * w];
-                    for (ox, &v) in src[x_lo..x_hi].iter().enumerate() {
-                        dst[2 * (ox + x_lo) + kx - 1] += v;
-                    }
+            for (r, oy) in band.clone().enumerate() {
+                let iy = 2 * oy + ky;
+                if iy == 0 || iy > h {
+                    continue;
                 }
+                let base = (c * TAPS + ky * KERNEL) * n + r * wo;
+                split.clear();
+                for kx in 0..KERNEL {
+                    let src = &cols[base + kx * n..][..wo];
+                    let (lo, hi) = valid_range(kx, w, wo);
+                    let (half, shift) = split.tap(kx);
+                    half[lo + shift - 1..hi + shift - 1]
+                        .iter_mut()
+                        .zip(&src[lo..hi])
+                        .for_each(|(a, v)| *a += v);
+                }
+                split.add_to(&mut plane[(iy - 1) * w..iy * w]);
             }
         }
     }
@@ -189,6 +261,13 @@ impl<'a> Operand<'a> {
             col_stride: 1,
         }
     }
+    fn band(data: &'a [f32], row_stride: usize, start: usize) -> Self {
+        Operand {
+            data: &data[start..],
+            row_stride,
+            col_stride: 1,
+        }
+    }
     fn transposed(data: &'a [f32], cols_of_stored: usize) -> Self {
         Operand {
             data,
@@ -198,9 +277,11 @@ impl<'a> Operand<'a> {
     }
 }
 
-/// `dst (m x n, row-major) (+)= lhs (m x k) * rhs (k x n)`.
+/// `dst (m x n, rows dst_row_stride apart) (+)= lhs (m x k) * rhs (k x n)`.
+#[allow(clippy::too_many_arguments)]
 fn matmul(
     dst: &mut [f32],
+    dst_row_stride: usize,
     m: usize,
     n: usize,
     k: usize,
@@ -216,7 +297,12 @@ fn matmul(
             (rows - 1) * o.row_stride + (cols - 1) * o.col_stride + 1
         }
     };
-    assert!(dst.len() >= m * n, "matmul: destination too small");
+    let dst_view = Operand {
+        data: dst,
+        row_stride: dst_row_stride,
+        col_stride: 1,
+    };
+    assert!(dst.len() >= extent(&dst_view, m, n), "matmul: destination too small");
     assert!(lhs.data.len() >= extent(&lhs, m, k), "matmul: lhs too small");
     assert!(rhs.data.len() >= extent(&rhs, k, n), "matmul: rhs too small");
     if m == 0 || n == 0 {
@@ -231,7 +317,7 @@ fn matmul(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_row_stride as isize,
             accumulate,
             lhs.data.as_ptr(),
             lhs.col_stride as isize,
@@ -296,32 +382,31 @@ pub fn down_forward(
     bias: &[f32],
     act: Activation,
 ) -> Vec<f32> {
-    let (p, k) = (s.narrow_plane(), s.taps());
+    let (p, k, wo) = (s.narrow_plane(), s.taps(), down_side(s.width));
     let threads = gemm_threads(s.batch);
+    let bands = bands(&s);
     let mut out = vec![0.0f32; s.batch * s.narrow_len()];
     for_each_image(s.batch, &mut out, |i, y| {
-        let mut cols = vec![0.0f32; k * p];
-        im2col(
-            &x[i * s.wide_len()..][..s.wide_len()],
-            s.wide_channels,
-            s.height,
-            s.width,
-            &mut cols,
-        );
+        let xi = &x[i * s.wide_len()..][..s.wide_len()];
+        let mut cols = vec![0.0f32; k * bands[0].len() * wo];
         for (chunk, &b) in y.chunks_exact_mut(p).zip(bias) {
             chunk.fill(b);
         }
-        let lhs = Operand::rows(weight, k);
-        matmul(
-            y,
-            s.narrow_channels,
-            p,
-            k,
-            lhs,
-            Operand::rows(&cols, p),
-            true,
-            threads,
-        );
+        for band in &bands {
+            let bn = band.len() * wo;
+            im2col(xi, s.wide_channels, s.height, s.width, band.clone(), &mut cols);
+            matmul(
+                &mut y[band.start * wo..],
+                p,
+                s.narrow_channels,
+                bn,
+                k,
+                Operand::rows(weight, k),
+                Operand::rows(&cols, bn),
+                true,
+                threads,
+            );
+        }
         act.apply(y);
     });
     out
@@ -336,22 +421,28 @@ pub fn up_forward(
     bias: &[f32],
     act: Activation,
 ) -> Vec<f32> {
-    let (p, k) = (s.narrow_plane(), s.taps());
+    let (p, k, wo) = (s.narrow_plane(), s.taps(), down_side(s.width));
     let threads = gemm_threads(s.batch);
+    let bands = bands(&s);
     let mut out = vec![0.0f32; s.batch * s.wide_len()];
     for_each_image(s.batch, &mut out, |i, y| {
-        let mut cols = vec![0.0f32; k * p];
-        matmul(
-            &mut cols,
-            k,
-            p,
-            s.narrow_channels,
-            Operand::transposed(weight, k),
-            Operand::rows(&x[i * s.narrow_len()..][..s.narrow_len()], p),
-            false,
-            threads,
-        );
-        col2im(&cols, s.wide_channels, s.height, s.width, y);
+        let xi = &x[i * s.narrow_len()..][..s.narrow_len()];
+        let mut cols = vec![0.0f32; k * bands[0].len() * wo];
+        for band in &bands {
+            let bn = band.len() * wo;
+            matmul(
+                &mut cols,
+                bn,
+                k,
+                bn,
+                s.narrow_channels,
+                Operand::transposed(weight, k),
+                Operand::band(xi, p, band.start * wo),
+                false,
+                threads,
+            );
+            col2im(&cols, s.wide_channels, s.height, s.width, band.clone(), y);
+        }
         add_bias(y, bias);
         act.apply(y);
     });
@@ -403,8 +494,9 @@ pub fn down_backward(
     act: Activation,
     want_input_grad: bool,
 ) -> LayerGrads {
-    let (p, k, co) = (s.narrow_plane(), s.taps(), s.narrow_channels);
+    let (p, k, co, wo) = (s.narrow_plane(), s.taps(), s.narrow_channels, down_side(s.width));
     let threads = gemm_threads(s.batch);
+    let bands = bands(&s);
     let mut input_grad = want_input_grad.then(|| vec![0.0f32; s.batch * s.wide_len()]);
     let input_grad_ptr = input_grad.as_mut().map(|g| SharedOut(g.as_mut_ptr(), g.len()));
     let parts: Vec<(Vec<f32>, Vec<f32>)> = image_runs(s.batch)
@@ -412,7 +504,7 @@ pub fn down_backward(
         .map(|run| {
             let mut dw = vec![0.0f32; co * k];
             let mut db = vec![0.0f32; co];
-            let mut cols = vec![0.0f32; k * p];
+            let mut cols = vec![0.0f32; k * bands[0].len() * wo];
             let mut dz = vec![0.0f32; s.narrow_len()];
             for i in run {
                 let range = i * s.narrow_len()..(i + 1) * s.narrow_len();
@@ -422,31 +514,37 @@ pub fn down_backward(
                     *b += chunk.iter().sum::<f32>();
                 }
                 let xi = &x[i * s.wide_len()..][..s.wide_len()];
-                im2col(xi, s.wide_channels, s.height, s.width, &mut cols);
-                matmul(
-                    &mut dw,
-                    co,
-                    k,
-                    p,
-                    Operand::rows(&dz, p),
-                    Operand::transposed(&cols, p),
-                    true,
-                    threads,
-                );
-                if let Some(shared) = input_grad_ptr {
+                // SAFETY: each image writes only its own disjoint range of the input gradient.
+                let mut dx = input_grad_ptr.map(|g| unsafe { g.range(i * s.wide_len(), s.wide_len()) });
+                for band in &bands {
+                    let bn = band.len() * wo;
+                    let dz_band = Operand::band(&dz, p, band.start * wo);
+                    im2col(xi, s.wide_channels, s.height, s.width, band.clone(), &mut cols);
                     matmul(
-                        &mut cols,
+                        &mut dw,
                         k,
-                        p,
                         co,
-                        Operand::transposed(weight, k),
-                        Operand::rows(&dz, p),
-                        false,
+                        k,
+                        bn,
+                        dz_band,
+                        Operand::transposed(&cols, bn),
+                        true,
                         threads,
                     );
-                    // SAFETY: each image writes only its own disjoint range of the input gradient.
-                    let dx = unsafe { shared.range(i * s.wide_len(), s.wide_len()) };
-                    col2im(&cols, s.wide_channels, s.height, s.width, dx);
+                    if let Some(dx) = dx.as_deref_mut() {
+                        matmul(
+                            &mut cols,
+                            bn,
+                            k,
+                            bn,
+                            co,
+                            Operand::transposed(weight, k),
+                            dz_band,
+                            false,
+                            threads,
+                        );
+                        col2im(&cols, s.wide_channels, s.height, s.width, band.clone(), dx);
+                    }
                 }
             }
             (dw, db)
@@ -471,8 +569,10 @@ pub fn up_backward(
     act: Activation,
     want_input_grad: bool,
 ) -> LayerGrads {
-    let (p, k, ci, co) = (s.narrow_plane(), s.taps(), s.narrow_channels, s.wide_channels);
+    let (p, k, wo) = (s.narrow_plane(), s.taps(), down_side(s.width));
+    let (ci, co) = (s.narrow_channels, s.wide_channels);
     let threads = gemm_threads(s.batch);
+    let bands = bands(&s);
     let mut input_grad = want_input_grad.then(|| vec![0.0f32; s.batch * s.narrow_len()]);
     let input_grad_ptr = input_grad.as_mut().map(|g| SharedOut(g.as_mut_ptr(), g.len()));
     let parts: Vec<(Vec<f32>, Vec<f32>)> = image_runs(s.batch)
@@ -480,7 +580,7 @@ pub fn up_backward(
         .map(|run| {
             let mut dw = vec![0.0f32; ci * k];
             let mut db = vec![0.0f32; co];
-            let mut cols = vec![0.0f32; k * p];
+            let mut cols = vec![0.0f32; k * bands[0].len() * wo];
             let mut dz = vec![0.0f32; s.wide_len()];
             for i in run {
                 let range = i * s.wide_len()..(i + 1) * s.wide_len();
@@ -489,31 +589,36 @@ pub fn up_backward(
                 for (b, chunk) in db.iter_mut().zip(dz.chunks_exact(s.wide_plane())) {
                     *b += chunk.iter().sum::<f32>();
                 }
-                im2col(&dz, co, s.height, s.width, &mut cols);
                 let xi = &x[i * s.narrow_len()..][..s.narrow_len()];
-                matmul(
-                    &mut dw,
-                    ci,
-                    k,
-                    p,
-                    Operand::rows(xi, p),
-                    Operand::transposed(&cols, p),
-                    true,
-                    threads,
-                );
-                if let Some(shared) = input_grad_ptr {
-                    // SAFETY: each image writes only its own disjoint range of the input gradient.
-                    let dx = unsafe { shared.range(i * s.narrow_len(), s.narrow_len()) };
+                // SAFETY: each image writes only its own disjoint range of the input gradient.
+                let mut dx = input_grad_ptr.map(|g| unsafe { g.range(i * s.narrow_len(), s.narrow_len()) });
+                for band in &bands {
+                    let bn = band.len() * wo;
+                    im2col(&dz, co, s.height, s.width, band.clone(), &mut cols);
                     matmul(
-                        dx,
-                        ci,
-                        p,
+                        &mut dw,
                         k,
-                        Operand::rows(weight, k),
-                        Operand::rows(&cols, p),
-                        false,
+                        ci,
+                        k,
+                        bn,
+                        Operand::band(xi, p, band.start * wo),
+                        Operand::transposed(&cols, bn),
+                        true,
                         threads,
                     );
+                    if let Some(dx) = dx.as_deref_mut() {
+                        matmul(
+                            &mut dx[band.start * wo..],
+                            p,
+                            ci,
+                            bn,
+                            k,
+                            Operand::rows(weight, k),
+                            Operand::rows(&cols, bn),
+                            false,
+                            threads,
+                        );
+                    }
                 }
             }
             (dw, db)
@@ -537,9 +642,8 @@ unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
     /// # Safety
-    /// No two live slices from the same buffer may overlap.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn range(&self, start: usize, len: usize) -> &mut [f32] {
+    /// No two live slices from the same buffer may overlap, and none may outlive the buffer.
+    unsafe fn range<'a>(self, start: usize, len: usize) -> &'a mut [f32] {
         assert!(start + len <= self.1, "range outside the buffer");
         // SAFETY: inside the buffer (asserted); disjointness is the caller's promise.
         unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
@@ -571,11 +675,64 @@ mod tests {
         let n = down_side(h) * down_side(w) * c * TAPS;
         let probe: Vec<f32> = (0..n).map(|i| ((i * 5) % 13) as f32 - 6.0).collect();
         let mut cols = vec![0.0; n];
-        im2col(&image, c, h, w, &mut cols);
+        im2col(&image, c, h, w, 0..down_side(h), &mut cols);
         let mut back = vec![0.0; image.len()];
-        col2im(&probe, c, h, w, &mut back);
+        col2im(&probe, c, h, w, 0..down_side(h), &mut back);
         let lhs: f32 = cols.iter().zip(&probe).map(|(a, b)| a * b).sum();
         let rhs: f32 = image.iter().zip(&back).map(|(a, b)| a * b).sum();
         assert_eq!(lhs, rhs);
+    }
+}
+
+#[cfg(test)]
+mod probe {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn probe_layer_speeds() {
+        let layers = [(1, 16, 320), (16, 32, 160), (32, 64, 80), (64, 64, 40)];
+        for (wide, narrow, side) in layers {
+            let s = LayerShape { batch: 8, wide_channels: wide, narrow_channels: narrow, height: side, width: side };
+            let x = vec![0.5f32; s.batch * s.wide_len()];
+            let y = vec![0.5f32; s.batch * s.narrow_len()];
+            let w = vec![0.01f32; wide * narrow * 16];
+            let macs = (s.batch * s.narrow_plane() * wide * narrow * 16) as f64;
+            let time = |f: &dyn Fn()| { f(); let t = std::time::Instant::now(); for _ in 0..3 { f(); } t.elapsed().as_secs_f64() / 3.0 };
+            let t1 = time(&|| { std::hint::black_box(down_forward(s, &x, &w, &vec![0.0; narrow], Activation::LeakyRelu)); });
+            let t2 = time(&|| { std::hint::black_box(down_backward(s, &x, &w, &y, &y, Activation::LeakyRelu, true)); });
+            let t3 = time(&|| { std::hint::black_box(up_forward(s, &y, &w, &vec![0.0; wide], Activation::LeakyRelu)); });
+            let t4 = time(&|| { std::hint::black_box(up_backward(s, &y, &w, &x, &x, Activation::LeakyRelu, true)); });
+            let g = |t: f64, m: f64| 2.0 * m / t / 1e9;
+            println!("{wide}->{narrow} @{side}: down fwd {:.1} ms ({:.1} GF/s) bwd {:.1} ms ({:.1}) | up fwd {:.1} ms ({:.1}) bwd {:.1} ms ({:.1})",
+                t1*1e3, g(t1, macs), t2*1e3, g(t2, 2.0*macs), t3*1e3, g(t3, macs), t4*1e3, g(t4, 2.0*macs));
+        }
+    }
+}
+#[cfg(test)]
+mod probe2 {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn probe_parts() {
+        let layers = [(1, 16, 320), (16, 32, 160), (32, 64, 80), (64, 64, 40)];
+        let time = |f: &mut dyn FnMut()| { f(); let t = std::time::Instant::now(); for _ in 0..5 { f(); } t.elapsed().as_secs_f64() / 5.0 * 1e3 };
+        for (wide, narrow, side) in layers {
+            let s = LayerShape { batch: 1, wide_channels: wide, narrow_channels: narrow, height: side, width: side };
+            let (p, k) = (s.narrow_plane(), s.taps());
+            let x = vec![0.5f32; s.wide_len()];
+            let w = vec![0.01f32; narrow * k];
+            let mut cols = vec![0.0f32; k * p];
+            let mut img = vec![0.0f32; s.wide_len()];
+            let mut y = vec![0.0f32; narrow * p];
+            let t_im = time(&mut || im2col(&x, wide, side, side, 0..side/2, &mut cols));
+            let t_col = time(&mut || col2im(&cols, wide, side, side, 0..side/2, &mut img));
+            let t_f = time(&mut || matmul(&mut y, p, narrow, p, k, Operand::rows(&w, k), Operand::rows(&cols, p), false, gemm::Parallelism::None));
+            let mut dw = vec![0.0f32; narrow * k];
+            let t_dw = time(&mut || matmul(&mut dw, k, narrow, k, p, Operand::rows(&y, p), Operand::transposed(&cols, p), true, gemm::Parallelism::None));
+            let t_dc = time(&mut || matmul(&mut cols, p, k, p, narrow, Operand::transposed(&w, k), Operand::rows(&y, p), false, gemm::Parallelism::None));
+            let macs = (p * k * narrow) as f64;
+            let g = |t: f64| 2.0 * macs / t / 1e6;
+            println!("{wide}->{narrow} @{side} per image 1 thread: im2col {t_im:.2} col2im {t_col:.2} | fwd gemm {t_f:.2} ({:.0} GF/s) dW gemm {t_dw:.2} ({:.0}) dcols gemm {t_dc:.2} ({:.0})", g(t_f), g(t_dw), g(t_dc));
+        }
     }
 }

@@ -34,11 +34,9 @@ impl Activation {
     fn apply(self, v: &mut [f32]) {
         match self {
             Activation::Identity => {}
-            Activation::LeakyRelu => v.iter_mut().for_each(|x| {
-                if *x < 0.0 {
-                    *x *= LEAKY_SLOPE
-                }
-            }),
+            Activation::LeakyRelu => v
+                .iter_mut()
+                .for_each(|x| *x = if *x < 0.0 { *x * LEAKY_SLOPE } else { *x }),
             Activation::Sigmoid => v.iter_mut().for_each(|x| *x = 1.0 / (1.0 + (-*x).exp())),
         }
     }
@@ -48,11 +46,10 @@ impl Activation {
     fn backward(self, output: &[f32], grad: &mut [f32]) {
         match self {
             Activation::Identity => {}
-            Activation::LeakyRelu => grad.iter_mut().zip(output).for_each(|(g, &y)| {
-                if y < 0.0 {
-                    *g *= LEAKY_SLOPE
-                }
-            }),
+            Activation::LeakyRelu => grad
+                .iter_mut()
+                .zip(output)
+                .for_each(|(g, &y)| *g = if y < 0.0 { *g * LEAKY_SLOPE } else { *g }),
             Activation::Sigmoid => grad
                 .iter_mut()
                 .zip(output)
@@ -734,5 +731,25 @@ mod probe2 {
             let g = |t: f64| 2.0 * macs / t / 1e6;
             println!("{wide}->{narrow} @{side} per image 1 thread: im2col {t_im:.2} col2im {t_col:.2} | fwd gemm {t_f:.2} ({:.0} GF/s) dW gemm {t_dw:.2} ({:.0}) dcols gemm {t_dc:.2} ({:.0})", g(t_f), g(t_dw), g(t_dc));
         }
+    }
+}
+#[cfg(test)]
+mod probe3 {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn probe_layer1() {
+        let s = LayerShape { batch: 8, wide_channels: 1, narrow_channels: 16, height: 320, width: 320 };
+        let x = vec![0.5f32; s.batch * s.wide_len()];
+        let w = vec![0.01f32; 16 * 16];
+        let b = vec![0.0f32; 16];
+        let time = |f: &mut dyn FnMut()| { f(); let t = std::time::Instant::now(); for _ in 0..5 { f(); } t.elapsed().as_secs_f64() / 5.0 * 1e3 };
+        println!("alloc+touch {:.2}", time(&mut || { let v = vec![0.0f32; s.batch * s.narrow_len()]; std::hint::black_box(&v); let v2: Vec<f32> = v.iter().map(|x| x + 1.0).collect(); std::hint::black_box(v2); }));
+        for act in [Activation::Identity, Activation::LeakyRelu] {
+            println!("{act:?} full {:.2}", time(&mut || { std::hint::black_box(down_forward(s, &x, &w, &b, act)); }));
+        }
+        let mut y = vec![0.0f32; s.narrow_len() * 8];
+        println!("leaky apply {:.2}", time(&mut || Activation::LeakyRelu.apply(&mut y)));
+        println!("bands {:?}", bands(&s).len());
     }
 }

@@ -109,3 +109,29 @@ impl ConvAutoencoder {
         x
     }
 }
+#[cfg(test)]
+mod probe {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn probe_forward_layers() {
+        let device = Device::flex();
+        let ae = crate::engine::model::autoencoder_spec_for(20, 1).init(&device);
+        let x0 = Tensor::<4>::random([8, 1, 320, 320], burn::tensor::Distribution::Uniform(0.0, 1.0), &device);
+        let mut times = vec![0.0f64; 10];
+        for _ in 0..10 {
+            let mut x = x0.clone();
+            let mut t = std::time::Instant::now();
+            let mut lap = |i: usize, t: &mut std::time::Instant| { times[i] += t.elapsed().as_secs_f64() * 1e2; *t = std::time::Instant::now(); };
+            for (i, conv) in ae.encoder.iter().enumerate() { x = conv_down(conv, x, Activation::LeakyRelu); lap(i, &mut t); }
+            x = leaky_relu(ae.to_latent.forward(x), 0.2);
+            x = leaky_relu(ae.from_latent.forward(x), 0.2);
+            lap(4, &mut t);
+            let last = ae.decoder.len() - 1;
+            for (i, d) in ae.decoder.iter().enumerate() { x = conv_up(d, x, if i < last { Activation::LeakyRelu } else { Activation::Sigmoid }); lap(5 + i, &mut t); }
+            let _ = x.into_data();
+            lap(9, &mut t);
+        }
+        println!("per layer ms/batch (mean of 10): {:?}", times.iter().map(|v| (v * 10.0).round() / 10.0).collect::<Vec<_>>());
+    }
+}

@@ -807,13 +807,7 @@ fn fit_patch_memory(
         if stop.is_set() {
             return Err(TrainError::Cancelled { epochs_done: 0 });
         }
-        let features = extractor.features(extractor.input(chunk, &device));
-        let [n, _, h, w] = features.dims();
-        let values: Vec<f32> = features
-            .permute([0, 2, 3, 1])
-            .into_data()
-            .try_to_vec::<f32>()
-            .unwrap_or_default();
+        let (values, [n, h, w]) = extractor.patch_rows(extractor.input(chunk, &device));
         let patches = h * w;
         for i in 0..n {
             for p in rand::seq::index::sample(&mut rng, patches, per_image.min(patches)) {

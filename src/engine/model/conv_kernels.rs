@@ -247,28 +247,31 @@ fn col2im(cols: &[f32], channels: usize, h: usize, w: usize, band: Band, image: 
 
 /// A matrix operand of [`matmul`]: a pointer-free view with row and column strides.
 #[derive(Clone, Copy)]
-struct Operand<'a> {
+pub(super) struct Operand<'a> {
     data: &'a [f32],
     row_stride: usize,
     col_stride: usize,
 }
 
 impl<'a> Operand<'a> {
-    fn rows(data: &'a [f32], cols: usize) -> Self {
+    /// A row-major matrix of `cols` columns.
+    pub(super) fn rows(data: &'a [f32], cols: usize) -> Self {
         Operand {
             data,
             row_stride: cols,
             col_stride: 1,
         }
     }
-    fn band(data: &'a [f32], row_stride: usize, start: usize) -> Self {
+    /// Columns from `start` on of a row-major matrix whose rows are `row_stride` apart.
+    pub(super) fn band(data: &'a [f32], row_stride: usize, start: usize) -> Self {
         Operand {
             data: &data[start..],
             row_stride,
             col_stride: 1,
         }
     }
-    fn transposed(data: &'a [f32], cols_of_stored: usize) -> Self {
+    /// The transpose of a row-major matrix of `cols_of_stored` columns.
+    pub(super) fn transposed(data: &'a [f32], cols_of_stored: usize) -> Self {
         Operand {
             data,
             row_stride: 1,
@@ -279,7 +282,7 @@ impl<'a> Operand<'a> {
 
 /// `dst (m x n, rows dst_row_stride apart) (+)= lhs (m x k) * rhs (k x n)`.
 #[allow(clippy::too_many_arguments)]
-fn matmul(
+pub(super) fn matmul(
     dst: &mut [f32],
     dst_row_stride: usize,
     m: usize,

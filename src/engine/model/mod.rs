@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod conv_kernels;
 pub mod conv_ops;
 pub mod file;
+pub mod patch_kernels;
 pub mod patch_memory;
 
 use serde::{Deserialize, Serialize};

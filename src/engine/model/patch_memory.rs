@@ -16,6 +16,8 @@ use burn::tensor::module::{avg_pool2d, interpolate};
 use burn::tensor::ops::{AvgPoolOptions, InterpolateMode, InterpolateOptions};
 use serde::{Deserialize, Serialize};
 
+use super::conv_ops::uses_kernels;
+use super::patch_kernels;
 use crate::engine::dataset::prepare::PreparedImage;
 
 /// Rows of the query matrix compared with the memory at once (bounds the distance matrix to
@@ -176,9 +178,87 @@ impl PatchMemory {
         )
     }
 
+    /// Patch features of an extractor input ([`PatchMemory::input`], side `s`) patch by patch:
+    /// the values (`[batch * h * w, feature_dim]`) and `[batch, h, w]`, `h = w = s / 4`. On the
+    /// `flex` CPU backend through the kernels of [`patch_kernels`], elsewhere through
+    /// [`PatchMemory::features`].
+    pub fn patch_rows(&self, input: Tensor<4>) -> (Vec<f32>, [usize; 3]) {
+        if uses_kernels(&input.device()) && self.convs.len() >= 2 {
+            self.patch_rows_by_kernels(input)
+        } else {
+            let features = self.features(input);
+            let [b, _, h, w] = features.dims();
+            let rows = features.permute([0, 2, 3, 1]).into_data();
+            (rows.try_to_vec::<f32>().unwrap_or_default(), [b, h, w])
+        }
+    }
+
+    /// [`PatchMemory::patch_rows`] through the CPU kernels (at least two extractor levels).
+    fn patch_rows_by_kernels(&self, input: Tensor<4>) -> (Vec<f32>, [usize; 3]) {
+        let [batch, channels, height, width] = input.dims();
+        let mut x = input.into_data().try_to_vec::<f32>().unwrap_or_default();
+        let mut shape = patch_kernels::LevelShape {
+            batch,
+            inputs: channels,
+            outputs: 0,
+            height,
+            width,
+        };
+        let mut levels = Vec::with_capacity(self.convs.len());
+        for conv in &self.convs {
+            let weight = conv.weight.val().into_data().try_to_vec::<f32>().unwrap_or_default();
+            shape.outputs = conv.weight.dims()[0];
+            x = patch_kernels::conv3x3_relu_pool(shape, &x, &weight);
+            levels.push((x.clone(), shape.outputs, (shape.height / 2, shape.width / 2)));
+            (shape.inputs, shape.height, shape.width) =
+                (shape.outputs, shape.height / 2, shape.width / 2);
+        }
+        let (fine, c_fine, fine_side) = &levels[1];
+        let none = Vec::new();
+        let (coarse, c_coarse, coarse_side) = levels
+            .get(2)
+            .map_or((&none, 0, (1, 1)), |(v, c, s)| (v, *c, *s));
+        let (fine_len, coarse_len) = (c_fine * fine_side.0 * fine_side.1, c_coarse * coarse_side.0 * coarse_side.1);
+        use rayon::prelude::*;
+        let rows: Vec<f32> = (0..batch)
+            .into_par_iter()
+            .flat_map_iter(|i| {
+                patch_kernels::patch_rows(
+                    &fine[i * fine_len..(i + 1) * fine_len],
+                    *c_fine,
+                    &coarse[(i * coarse_len).min(coarse.len())..((i + 1) * coarse_len).min(coarse.len())],
+                    c_coarse,
+                    *fine_side,
+                    coarse_side,
+                )
+            })
+            .collect();
+        (rows, [batch, fine_side.0, fine_side.1])
+    }
+
     /// Distance of every patch of an extractor input ([`PatchMemory::input`], side `s`) to its
     /// nearest good patch in the memory: `[batch, 1, s / 4, s / 4]`.
     pub fn distances(&self, input: Tensor<4>) -> Tensor<4> {
+        if uses_kernels(&input.device()) && self.convs.len() >= 2 {
+            self.distances_by_kernels(input)
+        } else {
+            self.distances_by_burn(input)
+        }
+    }
+
+    /// [`PatchMemory::distances`] through the CPU kernels.
+    fn distances_by_kernels(&self, input: Tensor<4>) -> Tensor<4> {
+        let device = input.device();
+        let (rows, [b, h, w]) = self.patch_rows_by_kernels(input);
+        let memory = self.memory.val();
+        let dim = memory.dims()[1];
+        let memory = memory.into_data().try_to_vec::<f32>().unwrap_or_default();
+        let nearest = patch_kernels::nearest_distances(&rows, &memory, dim);
+        Tensor::from_data(TensorData::new(nearest, [b, 1, h, w]), &device)
+    }
+
+    /// [`PatchMemory::distances`] through burn's operations (any device).
+    fn distances_by_burn(&self, input: Tensor<4>) -> Tensor<4> {
         let features = self.features(input);
         let [b, d, h, w] = features.dims();
         let queries = features.permute([0, 2, 3, 1]).reshape([b * h * w, d]);
@@ -329,6 +409,44 @@ mod tests {
         assert_eq!(d.len(), 64);
         assert!(d[..16].iter().all(|&v| v < 1e-2), "{:?}", &d[..16]);
         assert!(d[16..].iter().any(|&v| v > 1e-2));
+    }
+
+    #[test]
+    fn kernels_compute_what_burns_operations_compute() {
+        let device = Device::flex();
+        let s = PatchMemorySpec {
+            widths: vec![5, 6, 7],
+            memory_patches: 40,
+            ..spec()
+        };
+        let model = s.init(&device);
+        let input = Tensor::<4>::random(
+            [3, 1, 36, 28],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let (rows, [b, h, w]) = model.patch_rows_by_kernels(input.clone());
+        let features = model.features(input.clone());
+        assert_eq!(features.dims(), [b, 13, h, w]);
+        let reference = features
+            .permute([0, 2, 3, 1])
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        assert_eq!(rows.len(), reference.len());
+        let close = |a: f32, b: f32| (a - b).abs() <= 1e-4 * (1.0 + b.abs());
+        for (i, (a, r)) in rows.iter().zip(&reference).enumerate() {
+            assert!(close(*a, *r), "feature {i}: kernels {a}, burn {r}");
+        }
+        let memory = Tensor::<2>::random([40, 13], burn::tensor::Distribution::Normal(0.0, 0.3), &device);
+        let model = model.with_memory(memory);
+        let by_kernels = model.distances_by_kernels(input.clone()).into_data();
+        let by_burn = model.distances_by_burn(input).into_data();
+        let (k, r) = (by_kernels.as_slice::<f32>().unwrap(), by_burn.as_slice::<f32>().unwrap());
+        assert_eq!(k.len(), b * h * w);
+        for (i, (a, r)) in k.iter().zip(r).enumerate() {
+            assert!((a - r).abs() <= 1e-3 * (1.0 + r.abs()), "distance {i}: kernels {a}, burn {r}");
+        }
     }
 
     #[test]

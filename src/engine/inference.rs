@@ -330,7 +330,9 @@ pub fn image_scores(
         .collect()
 }
 
-/// Separable Gaussian blur of a row-major `width x height` map (edges clamp).
+/// Separable Gaussian blur of a row-major `width x height` map (edges clamp). Each pass adds the
+/// taps in order over whole rows (so the loops vectorise); every value is the same sum, in the
+/// same order, as a per-pixel loop over the taps.
 pub fn gaussian_blur(values: &[f32], width: usize, height: usize, sigma: f32) -> Vec<f32> {
     let radius = (3.0 * sigma).ceil() as isize;
     let kernel: Vec<f32> = (-radius..=radius)
@@ -338,26 +340,32 @@ pub fn gaussian_blur(values: &[f32], width: usize, height: usize, sigma: f32) ->
         .collect();
     let sum: f32 = kernel.iter().sum();
     let kernel: Vec<f32> = kernel.iter().map(|k| k / sum).collect();
-    let clamp = |v: isize, n: usize| v.clamp(0, n as isize - 1) as usize;
+    if width == 0 || height == 0 {
+        return vec![0.0; values.len()];
+    }
+    let r = radius as usize;
+    // Horizontal: each row padded with copies of its edge pixels, then the taps slide over it.
     let mut tmp = vec![0.0f32; values.len()];
-    for y in 0..height {
-        let row = &values[y * width..(y + 1) * width];
-        for x in 0..width {
-            let mut acc = 0.0;
-            for (k, w) in kernel.iter().enumerate() {
-                acc += w * row[clamp(x as isize + k as isize - radius, width)];
-            }
-            tmp[y * width + x] = acc;
+    let mut padded = vec![0.0f32; width + 2 * r];
+    for (row, out) in values.chunks_exact(width).zip(tmp.chunks_exact_mut(width)) {
+        padded[..r].fill(row[0]);
+        padded[r..r + width].copy_from_slice(row);
+        padded[r + width..].fill(row[width - 1]);
+        for (k, &w) in kernel.iter().enumerate() {
+            out.iter_mut()
+                .zip(&padded[k..k + width])
+                .for_each(|(o, &v)| *o += w * v);
         }
     }
+    // Vertical: each output row adds whole (clamped) input rows, tap by tap.
     let mut out = vec![0.0f32; values.len()];
-    for y in 0..height {
-        for x in 0..width {
-            let mut acc = 0.0;
-            for (k, w) in kernel.iter().enumerate() {
-                acc += w * tmp[clamp(y as isize + k as isize - radius, height) * width + x];
-            }
-            out[y * width + x] = acc;
+    for (y, out_row) in out.chunks_exact_mut(width).enumerate() {
+        for (k, &w) in kernel.iter().enumerate() {
+            let src_y = (y as isize + k as isize - radius).clamp(0, height as isize - 1) as usize;
+            out_row
+                .iter_mut()
+                .zip(&tmp[src_y * width..(src_y + 1) * width])
+                .for_each(|(o, &v)| *o += w * v);
         }
     }
     out
@@ -568,6 +576,30 @@ mod tests {
         assert!(b[10 * 21 + 10] < 1.0 && b[10 * 21 + 10] > b[10 * 21 + 12]);
         let r = resize_map(&[2.0; 16], 4, 4, 13, 7);
         assert!(r.iter().all(|&x| (x - 2.0).abs() < 1e-6));
+        // Clamped edges, per pixel and tap by tap: the same sums in the same order.
+        let (w, h, sigma) = (9usize, 5usize, 1.5f32);
+        let m: Vec<f32> = (0..w * h).map(|i| ((i * 37) % 11) as f32).collect();
+        let radius = (3.0 * sigma).ceil() as isize;
+        let k: Vec<f32> = (-radius..=radius)
+            .map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp())
+            .collect();
+        let total: f32 = k.iter().sum();
+        let k: Vec<f32> = k.iter().map(|v| v / total).collect();
+        let at = |v: &[f32], x: isize, y: isize| {
+            v[y.clamp(0, h as isize - 1) as usize * w + x.clamp(0, w as isize - 1) as usize]
+        };
+        let pass = |v: &[f32], horizontal: bool| -> Vec<f32> {
+            (0..w * h)
+                .map(|i| {
+                    let (x, y) = ((i % w) as isize, (i / w) as isize);
+                    k.iter().enumerate().fold(0.0, |acc, (j, wt)| {
+                        let d = j as isize - radius;
+                        acc + wt * if horizontal { at(v, x + d, y) } else { at(v, x, y + d) }
+                    })
+                })
+                .collect()
+        };
+        assert_eq!(gaussian_blur(&m, w, h, sigma), pass(&pass(&m, true), false));
     }
 
     #[test]

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::engine::dataset::decode::{ColourMode, DecodeError, DecodedImage, decode_image};
 use crate::engine::dataset::prepare::PreparedImage;
 use crate::engine::metrics::{Component, connected_components, quantile};
+use crate::engine::model::conv_ops::uses_kernels;
 use crate::engine::model::{ModelFile, ModelHeader, Network};
 
 /// Quantile of the validation good images' scores used as the suggested classification threshold.
@@ -256,6 +257,13 @@ pub fn raw_anomaly_maps(
     device: &Device,
 ) -> Tensor<4> {
     match network {
+        Network::Autoencoder(n) if uses_kernels(device) => {
+            let input = batch_tensor(images, device);
+            let [b, c, h, w] = input.dims();
+            let values = input.into_data().try_to_vec::<f32>().unwrap_or_default();
+            let maps = n.error_maps_by_kernels(&values, b, c, h);
+            Tensor::from_data(TensorData::new(maps, [b, 1, h, w]), device)
+        }
         Network::Autoencoder(n) => {
             let input = batch_tensor(images, device);
             (n.forward(input.clone()) - input).square().mean_dim(1)

@@ -217,6 +217,9 @@ fn im2col(image: &[f32], channels: usize, h: usize, w: usize, band: Band, cols: 
 /// The adjoint of [`im2col`]: adds every column entry of `band` back onto its pixel of `image`
 /// (`[channels, h, w]`, which the caller zeroes or pre-fills).
 fn col2im(cols: &[f32], channels: usize, h: usize, w: usize, band: Band, image: &mut [f32]) {
+    if w % 2 == 0 && w >= 2 {
+        return col2im_even(cols, channels, h, w, band, image);
+    }
     let wo = down_side(w);
     let n = band.len() * wo;
     let mut split = RowSplit::new(w);
@@ -240,6 +243,33 @@ fn col2im(cols: &[f32], channels: usize, h: usize, w: usize, band: Band, image: 
                         .for_each(|(a, v)| *a += v);
                 }
                 split.add_to(&mut plane[(iy - 1) * w..iy * w]);
+            }
+        }
+    }
+}
+
+/// [`col2im`] for even widths: each image row adds its four horizontal taps in one pass, even
+/// columns from taps 1 and 3, odd ones from taps 0 and 2.
+fn col2im_even(cols: &[f32], channels: usize, h: usize, w: usize, band: Band, image: &mut [f32]) {
+    let wo = w / 2;
+    let n = band.len() * wo;
+    for c in 0..channels {
+        let plane = &mut image[c * h * w..(c + 1) * h * w];
+        for ky in 0..KERNEL {
+            for (r, oy) in band.clone().enumerate() {
+                let iy = 2 * oy + ky;
+                if iy == 0 || iy > h {
+                    continue;
+                }
+                let tap = |kx: usize| &cols[(c * TAPS + ky * KERNEL + kx) * n + r * wo..][..wo];
+                let (t0, t1, t2, t3) = (tap(0), tap(1), tap(2), tap(3));
+                let dst = &mut plane[(iy - 1) * w..iy * w];
+                dst[0] += t1[0];
+                dst[w - 1] += t2[wo - 1];
+                for j in 1..wo {
+                    dst[2 * j] += t1[j] + t3[j - 1];
+                    dst[2 * j - 1] += t2[j - 1] + t0[j];
+                }
             }
         }
     }
@@ -340,7 +370,7 @@ pub(super) fn matmul(
 
 /// How a batch is spread over threads: whole images per thread when there are enough images,
 /// else each matrix product is split.
-fn gemm_threads(batch: usize) -> gemm::Parallelism {
+pub(super) fn gemm_threads(batch: usize) -> gemm::Parallelism {
     let threads = rayon::current_num_threads();
     if batch >= threads || threads == 1 {
         gemm::Parallelism::None
@@ -378,38 +408,52 @@ pub fn down_forward(
     bias: &[f32],
     act: Activation,
 ) -> Vec<f32> {
-    let (p, k, wo) = (s.narrow_plane(), s.taps(), down_side(s.width));
     let threads = gemm_threads(s.batch);
-    let bands = bands(&s, BAND_FLOATS);
+    let image = LayerShape { batch: 1, ..s };
     let mut out = vec![0.0f32; s.batch * s.narrow_len()];
     for_each_image(s.batch, &mut out, |i, y| {
         let xi = &x[i * s.wide_len()..][..s.wide_len()];
-        let mut cols = vec![0.0f32; k * bands[0].len() * wo];
-        for band in &bands {
-            let bn = band.len() * wo;
-            let segments = band.start * wo..band.end * wo;
-            for (chunk, &b) in y.chunks_exact_mut(p).zip(bias) {
-                chunk[segments.clone()].fill(b);
-            }
-            im2col(xi, s.wide_channels, s.height, s.width, band.clone(), &mut cols);
-            matmul(
-                &mut y[band.start * wo..],
-                p,
-                s.narrow_channels,
-                bn,
-                k,
-                Operand::rows(weight, k),
-                Operand::rows(&cols, bn),
-                true,
-                threads,
-            );
-            // The band's outputs are final and still in cache.
-            for chunk in y.chunks_exact_mut(p) {
-                act.apply(&mut chunk[segments.clone()]);
-            }
-        }
+        down_image(image, xi, weight, bias, act, threads, y);
     });
     out
+}
+
+/// [`down_forward`] of one image (`s.batch` is ignored) into `y`, on `threads`.
+pub fn down_image(
+    s: LayerShape,
+    xi: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    act: Activation,
+    threads: gemm::Parallelism,
+    y: &mut [f32],
+) {
+    let (p, k, wo) = (s.narrow_plane(), s.taps(), down_side(s.width));
+    let bands = bands(&s, BAND_FLOATS);
+    let mut cols = vec![0.0f32; k * bands[0].len() * wo];
+    for band in &bands {
+        let bn = band.len() * wo;
+        let segments = band.start * wo..band.end * wo;
+        for (chunk, &b) in y.chunks_exact_mut(p).zip(bias) {
+            chunk[segments.clone()].fill(b);
+        }
+        im2col(xi, s.wide_channels, s.height, s.width, band.clone(), &mut cols);
+        matmul(
+            &mut y[band.start * wo..],
+            p,
+            s.narrow_channels,
+            bn,
+            k,
+            Operand::rows(weight, k),
+            Operand::rows(&cols, bn),
+            true,
+            threads,
+        );
+        // The band's outputs are final and still in cache.
+        for chunk in y.chunks_exact_mut(p) {
+            act.apply(&mut chunk[segments.clone()]);
+        }
+    }
 }
 
 /// Decoder layer forward: `x [batch, narrow, h/2, w/2]`, `weight [narrow, wide, 4, 4]` (burn's
@@ -421,45 +465,89 @@ pub fn up_forward(
     bias: &[f32],
     act: Activation,
 ) -> Vec<f32> {
-    let (p, k, wo) = (s.narrow_plane(), s.taps(), down_side(s.width));
     let threads = gemm_threads(s.batch);
-    let bands = bands(&s, UP_FORWARD_FLOATS);
+    let image = LayerShape { batch: 1, ..s };
     let mut out = vec![0.0f32; s.batch * s.wide_len()];
     for_each_image(s.batch, &mut out, |i, y| {
         let xi = &x[i * s.narrow_len()..][..s.narrow_len()];
-        let mut cols = vec![0.0f32; k * bands[0].len() * wo];
-        // Output rows before `final_rows` have all their terms; the bias and the activation go
-        // on them while they are still in cache.
-        let mut final_rows = 0;
-        for band in &bands {
-            let bn = band.len() * wo;
-            matmul(
-                &mut cols,
-                bn,
-                k,
-                bn,
-                s.narrow_channels,
-                Operand::transposed(weight, k),
-                Operand::band(xi, p, band.start * wo),
-                false,
-                threads,
-            );
-            col2im(&cols, s.wide_channels, s.height, s.width, band.clone(), y);
-            // Row `r` takes terms from narrow rows up to (r + 1) / 2.
-            let ready = if band.end == down_side(s.height) {
-                s.height
-            } else {
-                (2 * band.end - 1).min(s.height)
-            };
-            for (plane, &b) in y.chunks_exact_mut(s.wide_plane()).zip(bias) {
-                let rows = &mut plane[final_rows * s.width..ready * s.width];
-                rows.iter_mut().for_each(|v| *v += b);
-                act.apply(rows);
-            }
-            final_rows = ready;
-        }
+        up_image(image, xi, weight, bias, act, threads, y);
     });
     out
+}
+
+/// [`up_forward`] of one image (`s.batch` is ignored) into `y` (zeroed), on `threads`.
+pub fn up_image(
+    s: LayerShape,
+    xi: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    act: Activation,
+    threads: gemm::Parallelism,
+    y: &mut [f32],
+) {
+    let (p, k, wo) = (s.narrow_plane(), s.taps(), down_side(s.width));
+    let bands = bands(&s, UP_FORWARD_FLOATS);
+    let mut cols = vec![0.0f32; k * bands[0].len() * wo];
+    // Output rows before `final_rows` have all their terms; the bias and the activation go on
+    // them while they are still in cache.
+    let mut final_rows = 0;
+    for band in &bands {
+        let bn = band.len() * wo;
+        matmul(
+            &mut cols,
+            bn,
+            k,
+            bn,
+            s.narrow_channels,
+            Operand::transposed(weight, k),
+            Operand::band(xi, p, band.start * wo),
+            false,
+            threads,
+        );
+        col2im(&cols, s.wide_channels, s.height, s.width, band.clone(), y);
+        // Row `r` takes terms from narrow rows up to (r + 1) / 2.
+        let ready = if band.end == down_side(s.height) {
+            s.height
+        } else {
+            (2 * band.end - 1).min(s.height)
+        };
+        for (plane, &b) in y.chunks_exact_mut(s.wide_plane()).zip(bias) {
+            let rows = &mut plane[final_rows * s.width..ready * s.width];
+            rows.iter_mut().for_each(|v| *v += b);
+            act.apply(rows);
+        }
+        final_rows = ready;
+    }
+}
+
+/// A 1x1 convolution of one image: `x [inputs, pixels]`, `weight [outputs, inputs]`, `bias
+/// [outputs]` → `[outputs, pixels]`, then `act`.
+pub fn pointwise_image(
+    x: &[f32],
+    inputs: usize,
+    weight: &[f32],
+    bias: &[f32],
+    act: Activation,
+) -> Vec<f32> {
+    let outputs = bias.len();
+    let pixels = x.len() / inputs.max(1);
+    let mut y = vec![0.0f32; outputs * pixels];
+    for (chunk, &b) in y.chunks_exact_mut(pixels.max(1)).zip(bias) {
+        chunk.fill(b);
+    }
+    matmul(
+        &mut y,
+        pixels,
+        outputs,
+        pixels,
+        inputs,
+        Operand::rows(weight, inputs),
+        Operand::rows(x, pixels),
+        true,
+        gemm::Parallelism::None,
+    );
+    act.apply(&mut y);
+    y
 }
 
 /// Gradients of one layer call.
@@ -803,6 +891,28 @@ mod probe5 {
             let mut best = f64::MAX;
             for _ in 0..10 { let t = std::time::Instant::now(); act.apply(&mut v); best = best.min(t.elapsed().as_secs_f64()); }
             println!("{act:?}: {:.2} ms per batch single thread", best * 1e3);
+        }
+    }
+}
+#[cfg(test)]
+mod probe6 {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn probe_up_split() {
+        for (wide, narrow, side) in [(16usize, 32usize, 160usize), (32, 64, 80)] {
+            let s = LayerShape { batch: 1, wide_channels: wide, narrow_channels: narrow, height: side, width: side };
+            let (p, k, wo) = (s.narrow_plane(), s.taps(), down_side(s.width));
+            let bands = bands(&s, UP_FORWARD_FLOATS);
+            let x = vec![0.5f32; s.narrow_len()];
+            let w = vec![0.01f32; narrow * k];
+            let mut cols = vec![0.0f32; k * bands[0].len() * wo];
+            let mut y = vec![0.0f32; s.wide_len()];
+            let time = |f: &mut dyn FnMut()| { let mut best = f64::MAX; for _ in 0..10 { let t = std::time::Instant::now(); f(); best = best.min(t.elapsed().as_secs_f64()); } best * 1e3 };
+            let tg = time(&mut || for band in &bands { let bn = band.len() * wo; matmul(&mut cols, bn, k, bn, narrow, Operand::transposed(&w, k), Operand::band(&x, p, band.start * wo), false, gemm::Parallelism::None); });
+            let tc = time(&mut || for band in &bands { col2im(&cols, wide, side, side, band.clone(), &mut y); });
+            let ta = time(&mut || Activation::LeakyRelu.apply(&mut y));
+            println!("up {narrow}->{wide}@{side} per image: gemm {tg:.2} col2im {tc:.2} act {ta:.2} ms (bands {})", bands.len());
         }
     }
 }

@@ -300,6 +300,14 @@ impl<'a> Operand<'a> {
             col_stride: 1,
         }
     }
+    /// This matrix transposed.
+    fn t(self) -> Self {
+        Operand {
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
     /// The transpose of a row-major matrix of `cols_of_stored` columns.
     pub(super) fn transposed(data: &'a [f32], cols_of_stored: usize) -> Self {
         Operand {
@@ -561,13 +569,23 @@ pub struct LayerGrads {
     pub bias: Vec<f32>,
 }
 
-/// Per-thread partial sums of the weight and bias gradients.
-fn sum_partials(parts: Vec<(Vec<f32>, Vec<f32>)>, w_len: usize, b_len: usize) -> (Vec<f32>, Vec<f32>) {
-    let mut w = vec![0.0f32; w_len];
-    let mut b = vec![0.0f32; b_len];
+/// Sums the per-thread partial weight gradients (each transposed, `[taps, rows]`) and bias
+/// gradients; returns the weight gradient as `[rows, taps]`, the weight's own layout.
+fn sum_partials(parts: Vec<(Vec<f32>, Vec<f32>)>, taps: usize, rows: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut transposed = vec![0.0f32; taps * rows];
+    let mut b: Vec<f32> = Vec::new();
     for (pw, pb) in parts {
-        w.iter_mut().zip(&pw).for_each(|(a, v)| *a += v);
+        transposed.iter_mut().zip(&pw).for_each(|(a, v)| *a += v);
+        if b.is_empty() {
+            b = vec![0.0; pb.len()];
+        }
         b.iter_mut().zip(&pb).for_each(|(a, v)| *a += v);
+    }
+    let mut w = vec![0.0f32; taps * rows];
+    for (t, row) in transposed.chunks_exact(rows.max(1)).enumerate() {
+        for (r, &v) in row.iter().enumerate() {
+            w[r * taps + t] = v;
+        }
     }
     (w, b)
 }
@@ -621,14 +639,16 @@ pub fn down_backward(
                     let bn = band.len() * wo;
                     let dz_band = Operand::band(&dz, p, band.start * wo);
                     im2col(xi, s.wide_channels, s.height, s.width, band.clone(), &mut cols);
+                    // The weight gradient transposed (`[k, co]`): this product's shape runs
+                    // 1.3-1.7x faster in gemm than `[co, k]` (measured on these layers).
                     matmul(
                         &mut dw,
-                        k,
                         co,
                         k,
+                        co,
                         bn,
-                        dz_band,
-                        Operand::transposed(&cols, bn),
+                        Operand::rows(&cols, bn),
+                        dz_band.t(),
                         true,
                         threads,
                     );
@@ -651,7 +671,7 @@ pub fn down_backward(
             (dw, db)
         })
         .collect();
-    let (weight_grad, bias_grad) = sum_partials(parts, co * k, co);
+    let (weight_grad, bias_grad) = sum_partials(parts, k, co);
     LayerGrads {
         input: input_grad,
         weight: weight_grad,
@@ -696,14 +716,15 @@ pub fn up_backward(
                 for band in &bands {
                     let bn = band.len() * wo;
                     im2col(&dz, co, s.height, s.width, band.clone(), &mut cols);
+                    // Transposed (`[k, ci]`), as in `down_backward`.
                     matmul(
                         &mut dw,
-                        k,
                         ci,
                         k,
+                        ci,
                         bn,
-                        Operand::band(xi, p, band.start * wo),
-                        Operand::transposed(&cols, bn),
+                        Operand::rows(&cols, bn),
+                        Operand::band(xi, p, band.start * wo).t(),
                         true,
                         threads,
                     );
@@ -725,7 +746,7 @@ pub fn up_backward(
             (dw, db)
         })
         .collect();
-    let (weight_grad, bias_grad) = sum_partials(parts, ci * k, co);
+    let (weight_grad, bias_grad) = sum_partials(parts, k, ci);
     LayerGrads {
         input: input_grad,
         weight: weight_grad,
@@ -913,6 +934,25 @@ mod probe6 {
             let tc = time(&mut || for band in &bands { col2im(&cols, wide, side, side, band.clone(), &mut y); });
             let ta = time(&mut || Activation::LeakyRelu.apply(&mut y));
             println!("up {narrow}->{wide}@{side} per image: gemm {tg:.2} col2im {tc:.2} act {ta:.2} ms (bands {})", bands.len());
+        }
+    }
+}
+#[cfg(test)]
+mod probe7 {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn probe_dw_orientation() {
+        for (co, k, bn) in [(32usize, 256usize, 240usize), (64, 512, 80), (16, 16, 3200), (64, 1024, 40), (32, 256, 6400)] {
+            let dz = vec![0.01f32; co * bn];
+            let cols = vec![0.02f32; k * bn];
+            let mut dw = vec![0.0f32; co * k];
+            let mut dwt = vec![0.0f32; k * co];
+            let time = |f: &mut dyn FnMut()| { let mut best = f64::MAX; for _ in 0..20 { let t = std::time::Instant::now(); f(); best = best.min(t.elapsed().as_secs_f64()); } best * 1e6 };
+            let a = time(&mut || matmul(&mut dw, k, co, k, bn, Operand::rows(&dz, bn), Operand::transposed(&cols, bn), true, gemm::Parallelism::None));
+            let b = time(&mut || matmul(&mut dwt, co, k, co, bn, Operand::rows(&cols, bn), Operand::transposed(&dz, bn), true, gemm::Parallelism::None));
+            let gf = |t: f64| 2.0 * (co * k * bn) as f64 / t / 1e3;
+            println!("co {co} k {k} bn {bn}: dW {a:.0} us ({:.0} GF/s), dW^T {b:.0} us ({:.0} GF/s)", gf(a), gf(b));
         }
     }
 }

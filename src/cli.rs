@@ -193,6 +193,9 @@ pub struct BenchQualityArgs {
     /// default framework].
     #[arg(long, value_parser = parse_framework, value_delimiter = ',')]
     pub framework: Vec<Framework>,
+    /// Complexity index (1-100) of every model [default: the project default].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub complexity: Option<u32>,
 }
 
 /// Reads a framework name for clap.
@@ -794,7 +797,10 @@ fn bench_quality(args: BenchQualityArgs, device: DevicePreference) -> Result<()>
             .unwrap_or_default();
         eprintln!("[{}/{}] {name}", i + 1, categories.len());
         let (files, _) = collect_image_files(&[category.join("train").join("good")]);
-        let dataset = DatasetSettings::default();
+        let mut dataset = DatasetSettings::default();
+        if let Some(complexity) = args.complexity {
+            dataset.complexity = complexity;
+        }
         let cache = DatasetCache::default();
         let report = import_items(
             &items_with_role(files, ImageRole::TrainGood),

@@ -466,3 +466,18 @@ mod tests {
         assert_eq!(shrink_plane(&[0, 255, 255, 0], 2, 2), vec![0.5]);
     }
 }
+#[cfg(test)]
+mod probe {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn probe_pm_input() {
+        let side = 160;
+        let plane: Vec<f32> = (0..side * side).map(|i| (i % 17) as f32 / 17.0).collect();
+        let px: Vec<u8> = (0..320 * 320).map(|i| (i % 251) as u8).collect();
+        let time = |name: &str, f: &mut dyn FnMut()| { let mut best = f64::MAX; for _ in 0..10 { let t = std::time::Instant::now(); f(); best = best.min(t.elapsed().as_secs_f64()); } println!("{name}: {:.2} ms per image", best * 1e3); };
+        time("shrink", &mut || { std::hint::black_box(shrink_plane(&px, 320, 2)); });
+        time("contrast", &mut || { std::hint::black_box(contrast_normalise(&plane, side, 31, 0.01)); });
+        time("box mean", &mut || { std::hint::black_box(box_mean(&plane, side, 31)); });
+    }
+}

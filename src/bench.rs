@@ -174,7 +174,9 @@ pub fn run(args: &BenchArgs, device: &ComputeDevice) -> Result<()> {
     let start = Instant::now();
     inspector.inspect_files(&single, thresholds, 1, &mut |_| {});
     let single_ms = 1000.0 * start.elapsed().as_secs_f64() / single.len() as f64;
-    eprintln!("inspection: model {model_ms:.1} ms/image, smoothed {smoothed_ms:.1}, files {files_ms:.1} ms/image");
+    eprintln!(
+        "inspection: model {model_ms:.1} ms/image, smoothed {smoothed_ms:.1}, files {files_ms:.1} ms/image"
+    );
 
     // 4. The patch memory: fit on the same images, then the same inspections.
     let pm_path = work.path().join("bench-pm.ink");

@@ -602,7 +602,12 @@ mod tests {
                     let (x, y) = ((i % w) as isize, (i / w) as isize);
                     k.iter().enumerate().fold(0.0, |acc, (j, wt)| {
                         let d = j as isize - radius;
-                        acc + wt * if horizontal { at(v, x + d, y) } else { at(v, x, y + d) }
+                        acc + wt
+                            * if horizontal {
+                                at(v, x + d, y)
+                            } else {
+                                at(v, x, y + d)
+                            }
                     })
                 })
                 .collect()

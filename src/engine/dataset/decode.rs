@@ -301,7 +301,7 @@ impl DecodedImage {
 
     /// This image at half its width and height (rounded down), each pixel the rounded mean of a
     /// 2x2 block.
-    pub(crate) fn halved(&self) -> DecodedImage {
+    fn halved(&self) -> DecodedImage {
         let ch = self.channels();
         let (w, h) = (self.width as usize / 2, self.height as usize / 2);
         let row = self.width as usize * ch;
@@ -386,7 +386,10 @@ fn triangle_resize(pixels: &[u8], (w, h): (usize, usize), channels: usize, size:
     let row = w * channels;
     // Vertical pass into f32 rows, each the weighted sum of the tapped input rows in tap order.
     let mut tall = vec![0.0f32; size * row];
-    for ((left, weights), out) in triangle_taps(h, size).iter().zip(tall.chunks_exact_mut(row)) {
+    for ((left, weights), out) in triangle_taps(h, size)
+        .iter()
+        .zip(tall.chunks_exact_mut(row))
+    {
         for (i, &wt) in weights.iter().enumerate() {
             let src = &pixels[(left + i) * row..(left + i + 1) * row];
             out.iter_mut()
@@ -418,7 +421,12 @@ mod tests {
 
     #[test]
     fn triangle_resize_matches_the_image_crate_bit_for_bit() {
-        for (w, h, ch, size) in [(604, 654, 1, 320), (37, 23, 3, 16), (9, 12, 1, 20), (64, 64, 3, 32)] {
+        for (w, h, ch, size) in [
+            (604, 654, 1, 320),
+            (37, 23, 3, 16),
+            (9, 12, 1, 20),
+            (64, 64, 3, 32),
+        ] {
             let pixels: Vec<u8> = (0..w * h * ch)
                 .map(|i| ((i * 2654435761usize) >> 7) as u8)
                 .collect();

@@ -303,25 +303,3 @@ pub fn items_with_role(files: Vec<PathBuf>, role: ImageRole) -> Vec<ImportItem> 
         })
         .collect()
 }
-#[cfg(test)]
-mod probe {
-    #[test]
-    #[ignore]
-    fn probe_import_parts() {
-        use crate::engine::dataset::decode::{ColourMode, decode_image_bytes};
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("a.png");
-        let (w, h) = (1208u32, 1308u32);
-        let px: Vec<u8> = (0..w * h).map(|i| (((i % w) / 24 + (i / w) / 24) % 2 * 40 + 110 + (i.wrapping_mul(2654435761u32) >> 28)) as u8).collect();
-        image::GrayImage::from_raw(w, h, px).unwrap().save(&path).unwrap();
-        let time = |name: &str, f: &mut dyn FnMut()| { let mut best = f64::MAX; for _ in 0..5 { let t = std::time::Instant::now(); f(); best = best.min(t.elapsed().as_secs_f64()); } println!("{name}: {:.2} ms", best * 1e3); };
-        let bytes = std::fs::read(&path).unwrap();
-        println!("file {} bytes", bytes.len());
-        time("read", &mut || { std::hint::black_box(std::fs::read(&path).unwrap()); });
-        time("hash", &mut || { std::hint::black_box(super::content_hash(&bytes)); });
-        time("decode", &mut || { std::hint::black_box(decode_image_bytes(&bytes, &path).unwrap()); });
-        let d = decode_image_bytes(&bytes, &path).unwrap();
-        time("resize", &mut || { std::hint::black_box(d.resize_planar(320, ColourMode::Mono)); });
-        time("halved", &mut || { std::hint::black_box(d.halved()); });
-    }
-}

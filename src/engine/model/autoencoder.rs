@@ -88,8 +88,15 @@ pub struct ConvAutoencoder {
 }
 
 /// A layer's weight and bias as plain values.
-fn values_of(weight: &burn::module::Param<Tensor<4>>, bias: &Option<burn::module::Param<Tensor<1>>>) -> (Vec<f32>, Vec<f32>) {
-    let weight_values = weight.val().into_data().try_to_vec::<f32>().unwrap_or_default();
+fn values_of(
+    weight: &burn::module::Param<Tensor<4>>,
+    bias: &Option<burn::module::Param<Tensor<1>>>,
+) -> (Vec<f32>, Vec<f32>) {
+    let weight_values = weight
+        .val()
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap_or_default();
     let bias_values = bias
         .as_ref()
         .map(|b| b.val().into_data().try_to_vec::<f32>().unwrap_or_default())
@@ -110,11 +117,21 @@ impl ConvAutoencoder {
         channels: usize,
         size: usize,
     ) -> Vec<f32> {
-        use super::conv_kernels::{LayerShape, down_image, gemm_threads, pointwise_image, up_image};
+        use super::conv_kernels::{
+            LayerShape, down_image, gemm_threads, pointwise_image, up_image,
+        };
         use rayon::prelude::*;
         let plane = size * size;
-        let encoder: Vec<_> = self.encoder.iter().map(|c| values_of(&c.weight, &c.bias)).collect();
-        let decoder: Vec<_> = self.decoder.iter().map(|c| values_of(&c.weight, &c.bias)).collect();
+        let encoder: Vec<_> = self
+            .encoder
+            .iter()
+            .map(|c| values_of(&c.weight, &c.bias))
+            .collect();
+        let decoder: Vec<_> = self
+            .decoder
+            .iter()
+            .map(|c| values_of(&c.weight, &c.bias))
+            .collect();
         let to_latent = values_of(&self.to_latent.weight, &self.to_latent.bias);
         let from_latent = values_of(&self.from_latent.weight, &self.from_latent.bias);
         // Whole images per thread when the batch fills the threads, else split each product.
@@ -164,7 +181,10 @@ impl ConvAutoencoder {
                 }
                 let scale = 1.0 / channels as f32;
                 for ch in 0..channels {
-                    let (out, input) = (&x[ch * plane..(ch + 1) * plane], &image[ch * plane..(ch + 1) * plane]);
+                    let (out, input) = (
+                        &x[ch * plane..(ch + 1) * plane],
+                        &image[ch * plane..(ch + 1) * plane],
+                    );
                     for ((m, o), i) in map.iter_mut().zip(out).zip(input) {
                         *m += (o - i) * (o - i) * scale;
                     }
@@ -204,42 +224,24 @@ mod tests {
         let device = Device::flex();
         for channels in [1, 3] {
             let ae = crate::engine::model::autoencoder_spec_for(5, channels).init(&device);
-            let input = Tensor::<4>::random([3, channels, 32, 32], Distribution::Uniform(0.0, 1.0), &device);
-            let reference = (ae.forward(input.clone()) - input.clone()).square().mean_dim(1);
+            let input = Tensor::<4>::random(
+                [3, channels, 32, 32],
+                Distribution::Uniform(0.0, 1.0),
+                &device,
+            );
+            let reference = (ae.forward(input.clone()) - input.clone())
+                .square()
+                .mean_dim(1);
             let reference = reference.into_data().try_to_vec::<f32>().unwrap();
             let values = input.into_data().try_to_vec::<f32>().unwrap();
             let maps = ae.error_maps_by_kernels(&values, 3, channels, 32);
             assert_eq!(maps.len(), reference.len());
             for (i, (a, b)) in maps.iter().zip(&reference).enumerate() {
-                assert!((a - b).abs() <= 1e-5 + 1e-4 * b.abs(), "{channels} channels, pixel {i}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 1e-5 + 1e-4 * b.abs(),
+                    "{channels} channels, pixel {i}: {a} vs {b}"
+                );
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod probe {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn probe_forward_layers() {
-        let device = Device::flex();
-        let ae = crate::engine::model::autoencoder_spec_for(20, 1).init(&device);
-        let x0 = Tensor::<4>::random([8, 1, 320, 320], burn::tensor::Distribution::Uniform(0.0, 1.0), &device);
-        let mut times = vec![0.0f64; 10];
-        for _ in 0..10 {
-            let mut x = x0.clone();
-            let mut t = std::time::Instant::now();
-            let mut lap = |i: usize, t: &mut std::time::Instant| { times[i] += t.elapsed().as_secs_f64() * 1e2; *t = std::time::Instant::now(); };
-            for (i, conv) in ae.encoder.iter().enumerate() { x = conv_down(conv, x, Activation::LeakyRelu); lap(i, &mut t); }
-            x = leaky_relu(ae.to_latent.forward(x), 0.2);
-            x = leaky_relu(ae.from_latent.forward(x), 0.2);
-            lap(4, &mut t);
-            let last = ae.decoder.len() - 1;
-            for (i, d) in ae.decoder.iter().enumerate() { x = conv_up(d, x, if i < last { Activation::LeakyRelu } else { Activation::Sigmoid }); lap(5 + i, &mut t); }
-            let _ = x.into_data();
-            lap(9, &mut t);
-        }
-        println!("per layer ms/batch (mean of 10): {:?}", times.iter().map(|v| (v * 10.0).round() / 10.0).collect::<Vec<_>>());
     }
 }

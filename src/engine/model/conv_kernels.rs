@@ -129,7 +129,10 @@ type Band = std::ops::Range<usize>;
 fn bands(s: &LayerShape, floats: usize) -> Vec<Band> {
     let (ho, wo) = (down_side(s.height), down_side(s.width));
     let rows = (floats / (s.taps() * wo).max(1)).clamp(1, ho.max(1));
-    (0..ho).step_by(rows).map(|r| r..(r + rows).min(ho)).collect()
+    (0..ho)
+        .step_by(rows)
+        .map(|r| r..(r + rows).min(ho))
+        .collect()
 }
 
 /// One image row split into its even and odd pixels: each of the four horizontal taps of a
@@ -217,7 +220,7 @@ fn im2col(image: &[f32], channels: usize, h: usize, w: usize, band: Band, cols: 
 /// The adjoint of [`im2col`]: adds every column entry of `band` back onto its pixel of `image`
 /// (`[channels, h, w]`, which the caller zeroes or pre-fills).
 fn col2im(cols: &[f32], channels: usize, h: usize, w: usize, band: Band, image: &mut [f32]) {
-    if w % 2 == 0 && w >= 2 {
+    if w.is_multiple_of(2) && w >= 2 {
         return col2im_even(cols, channels, h, w, band, image);
     }
     let wo = down_side(w);
@@ -343,9 +346,18 @@ pub(super) fn matmul(
         row_stride: dst_row_stride,
         col_stride: 1,
     };
-    assert!(dst.len() >= extent(&dst_view, m, n), "matmul: destination too small");
-    assert!(lhs.data.len() >= extent(&lhs, m, k), "matmul: lhs too small");
-    assert!(rhs.data.len() >= extent(&rhs, k, n), "matmul: rhs too small");
+    assert!(
+        dst.len() >= extent(&dst_view, m, n),
+        "matmul: destination too small"
+    );
+    assert!(
+        lhs.data.len() >= extent(&lhs, m, k),
+        "matmul: lhs too small"
+    );
+    assert!(
+        rhs.data.len() >= extent(&rhs, k, n),
+        "matmul: rhs too small"
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -445,7 +457,14 @@ pub fn down_image(
         for (chunk, &b) in y.chunks_exact_mut(p).zip(bias) {
             chunk[segments.clone()].fill(b);
         }
-        im2col(xi, s.wide_channels, s.height, s.width, band.clone(), &mut cols);
+        im2col(
+            xi,
+            s.wide_channels,
+            s.height,
+            s.width,
+            band.clone(),
+            &mut cols,
+        );
         matmul(
             &mut y[band.start * wo..],
             p,
@@ -571,7 +590,11 @@ pub struct LayerGrads {
 
 /// Sums the per-thread partial weight gradients (each transposed, `[taps, rows]`) and bias
 /// gradients; returns the weight gradient as `[rows, taps]`, the weight's own layout.
-fn sum_partials(parts: Vec<(Vec<f32>, Vec<f32>)>, taps: usize, rows: usize) -> (Vec<f32>, Vec<f32>) {
+fn sum_partials(
+    parts: Vec<(Vec<f32>, Vec<f32>)>,
+    taps: usize,
+    rows: usize,
+) -> (Vec<f32>, Vec<f32>) {
     let mut transposed = vec![0.0f32; taps * rows];
     let mut b: Vec<f32> = Vec::new();
     for (pw, pb) in parts {
@@ -613,11 +636,18 @@ pub fn down_backward(
     act: Activation,
     want_input_grad: bool,
 ) -> LayerGrads {
-    let (p, k, co, wo) = (s.narrow_plane(), s.taps(), s.narrow_channels, down_side(s.width));
+    let (p, k, co, wo) = (
+        s.narrow_plane(),
+        s.taps(),
+        s.narrow_channels,
+        down_side(s.width),
+    );
     let threads = gemm_threads(s.batch);
     let bands = bands(&s, BAND_FLOATS);
     let mut input_grad = want_input_grad.then(|| vec![0.0f32; s.batch * s.wide_len()]);
-    let input_grad_ptr = input_grad.as_mut().map(|g| SharedOut(g.as_mut_ptr(), g.len()));
+    let input_grad_ptr = input_grad
+        .as_mut()
+        .map(|g| SharedOut(g.as_mut_ptr(), g.len()));
     let parts: Vec<(Vec<f32>, Vec<f32>)> = image_runs(s.batch)
         .into_par_iter()
         .map(|run| {
@@ -634,11 +664,19 @@ pub fn down_backward(
                 }
                 let xi = &x[i * s.wide_len()..][..s.wide_len()];
                 // SAFETY: each image writes only its own disjoint range of the input gradient.
-                let mut dx = input_grad_ptr.map(|g| unsafe { g.range(i * s.wide_len(), s.wide_len()) });
+                let mut dx =
+                    input_grad_ptr.map(|g| unsafe { g.range(i * s.wide_len(), s.wide_len()) });
                 for band in &bands {
                     let bn = band.len() * wo;
                     let dz_band = Operand::band(&dz, p, band.start * wo);
-                    im2col(xi, s.wide_channels, s.height, s.width, band.clone(), &mut cols);
+                    im2col(
+                        xi,
+                        s.wide_channels,
+                        s.height,
+                        s.width,
+                        band.clone(),
+                        &mut cols,
+                    );
                     // The weight gradient transposed (`[k, co]`): this product's shape runs
                     // 1.3-1.7x faster in gemm than `[co, k]` (measured on these layers).
                     matmul(
@@ -695,7 +733,9 @@ pub fn up_backward(
     let threads = gemm_threads(s.batch);
     let bands = bands(&s, BAND_FLOATS);
     let mut input_grad = want_input_grad.then(|| vec![0.0f32; s.batch * s.narrow_len()]);
-    let input_grad_ptr = input_grad.as_mut().map(|g| SharedOut(g.as_mut_ptr(), g.len()));
+    let input_grad_ptr = input_grad
+        .as_mut()
+        .map(|g| SharedOut(g.as_mut_ptr(), g.len()));
     let parts: Vec<(Vec<f32>, Vec<f32>)> = image_runs(s.batch)
         .into_par_iter()
         .map(|run| {
@@ -712,7 +752,8 @@ pub fn up_backward(
                 }
                 let xi = &x[i * s.narrow_len()..][..s.narrow_len()];
                 // SAFETY: each image writes only its own disjoint range of the input gradient.
-                let mut dx = input_grad_ptr.map(|g| unsafe { g.range(i * s.narrow_len(), s.narrow_len()) });
+                let mut dx =
+                    input_grad_ptr.map(|g| unsafe { g.range(i * s.narrow_len(), s.narrow_len()) });
                 for band in &bands {
                     let bn = band.len() * wo;
                     im2col(&dz, co, s.height, s.width, band.clone(), &mut cols);
@@ -785,7 +826,11 @@ mod tests {
                     .filter(|&o| (2 * o + tap) >= 1 && 2 * o + tap - 1 < side)
                     .collect();
                 let (lo, hi) = valid_range(tap, side, out);
-                assert_eq!((lo..hi).collect::<Vec<_>>(), expect, "side {side} tap {tap}");
+                assert_eq!(
+                    (lo..hi).collect::<Vec<_>>(),
+                    expect,
+                    "side {side} tap {tap}"
+                );
             }
         }
     }
@@ -793,7 +838,9 @@ mod tests {
     #[test]
     fn col2im_is_the_adjoint_of_im2col() {
         let (c, h, w) = (2, 6, 8);
-        let image: Vec<f32> = (0..c * h * w).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+        let image: Vec<f32> = (0..c * h * w)
+            .map(|i| ((i * 7) % 11) as f32 - 5.0)
+            .collect();
         let n = down_side(h) * down_side(w) * c * TAPS;
         let probe: Vec<f32> = (0..n).map(|i| ((i * 5) % 13) as f32 - 6.0).collect();
         let mut cols = vec![0.0; n];
@@ -803,156 +850,5 @@ mod tests {
         let lhs: f32 = cols.iter().zip(&probe).map(|(a, b)| a * b).sum();
         let rhs: f32 = image.iter().zip(&back).map(|(a, b)| a * b).sum();
         assert_eq!(lhs, rhs);
-    }
-}
-
-#[cfg(test)]
-mod probe {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn probe_layer_speeds() {
-        let layers = [(1, 16, 320), (16, 32, 160), (32, 64, 80), (64, 64, 40)];
-        for (wide, narrow, side) in layers {
-            let s = LayerShape { batch: 8, wide_channels: wide, narrow_channels: narrow, height: side, width: side };
-            let x = vec![0.5f32; s.batch * s.wide_len()];
-            let y = vec![0.5f32; s.batch * s.narrow_len()];
-            let w = vec![0.01f32; wide * narrow * 16];
-            let macs = (s.batch * s.narrow_plane() * wide * narrow * 16) as f64;
-            let time = |f: &dyn Fn()| { f(); let t = std::time::Instant::now(); for _ in 0..3 { f(); } t.elapsed().as_secs_f64() / 3.0 };
-            let t1 = time(&|| { std::hint::black_box(down_forward(s, &x, &w, &vec![0.0; narrow], Activation::LeakyRelu)); });
-            let t2 = time(&|| { std::hint::black_box(down_backward(s, &x, &w, &y, &y, Activation::LeakyRelu, true)); });
-            let t3 = time(&|| { std::hint::black_box(up_forward(s, &y, &w, &vec![0.0; wide], Activation::LeakyRelu)); });
-            let t4 = time(&|| { std::hint::black_box(up_backward(s, &y, &w, &x, &x, Activation::LeakyRelu, true)); });
-            let g = |t: f64, m: f64| 2.0 * m / t / 1e9;
-            println!("{wide}->{narrow} @{side}: down fwd {:.1} ms ({:.1} GF/s) bwd {:.1} ms ({:.1}) | up fwd {:.1} ms ({:.1}) bwd {:.1} ms ({:.1})",
-                t1*1e3, g(t1, macs), t2*1e3, g(t2, 2.0*macs), t3*1e3, g(t3, macs), t4*1e3, g(t4, 2.0*macs));
-        }
-    }
-}
-#[cfg(test)]
-mod probe2 {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn probe_parts() {
-        let layers = [(1, 16, 320), (16, 32, 160), (32, 64, 80), (64, 64, 40)];
-        let time = |f: &mut dyn FnMut()| { f(); let t = std::time::Instant::now(); for _ in 0..5 { f(); } t.elapsed().as_secs_f64() / 5.0 * 1e3 };
-        for (wide, narrow, side) in layers {
-            let s = LayerShape { batch: 1, wide_channels: wide, narrow_channels: narrow, height: side, width: side };
-            let (p, k) = (s.narrow_plane(), s.taps());
-            let x = vec![0.5f32; s.wide_len()];
-            let w = vec![0.01f32; narrow * k];
-            let mut cols = vec![0.0f32; k * p];
-            let mut img = vec![0.0f32; s.wide_len()];
-            let mut y = vec![0.0f32; narrow * p];
-            let t_im = time(&mut || im2col(&x, wide, side, side, 0..side/2, &mut cols));
-            let t_col = time(&mut || col2im(&cols, wide, side, side, 0..side/2, &mut img));
-            let t_f = time(&mut || matmul(&mut y, p, narrow, p, k, Operand::rows(&w, k), Operand::rows(&cols, p), false, gemm::Parallelism::None));
-            let mut dw = vec![0.0f32; narrow * k];
-            let t_dw = time(&mut || matmul(&mut dw, k, narrow, k, p, Operand::rows(&y, p), Operand::transposed(&cols, p), true, gemm::Parallelism::None));
-            let t_dc = time(&mut || matmul(&mut cols, p, k, p, narrow, Operand::transposed(&w, k), Operand::rows(&y, p), false, gemm::Parallelism::None));
-            let macs = (p * k * narrow) as f64;
-            let g = |t: f64| 2.0 * macs / t / 1e6;
-            println!("{wide}->{narrow} @{side} per image 1 thread: im2col {t_im:.2} col2im {t_col:.2} | fwd gemm {t_f:.2} ({:.0} GF/s) dW gemm {t_dw:.2} ({:.0}) dcols gemm {t_dc:.2} ({:.0})", g(t_f), g(t_dw), g(t_dc));
-        }
-    }
-}
-#[cfg(test)]
-mod probe3 {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn probe_layer1() {
-        let s = LayerShape { batch: 8, wide_channels: 1, narrow_channels: 16, height: 320, width: 320 };
-        let x = vec![0.5f32; s.batch * s.wide_len()];
-        let w = vec![0.01f32; 16 * 16];
-        let b = vec![0.0f32; 16];
-        let time = |f: &mut dyn FnMut()| { f(); let t = std::time::Instant::now(); for _ in 0..5 { f(); } t.elapsed().as_secs_f64() / 5.0 * 1e3 };
-        println!("alloc+touch {:.2}", time(&mut || { let v = vec![0.0f32; s.batch * s.narrow_len()]; std::hint::black_box(&v); let v2: Vec<f32> = v.iter().map(|x| x + 1.0).collect(); std::hint::black_box(v2); }));
-        for act in [Activation::Identity, Activation::LeakyRelu] {
-            println!("{act:?} full {:.2}", time(&mut || { std::hint::black_box(down_forward(s, &x, &w, &b, act)); }));
-        }
-        let mut y = vec![0.0f32; s.narrow_len() * 8];
-        println!("leaky apply {:.2}", time(&mut || Activation::LeakyRelu.apply(&mut y)));
-        println!("bands {:?}", bands(&s, BAND_FLOATS).len());
-    }
-}
-#[cfg(test)]
-mod probe4 {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn probe_forward_min() {
-        let layers = [(1, 16, 320), (16, 32, 160), (32, 64, 80), (64, 64, 40)];
-        let mut total = 0.0;
-        let mut line = String::new();
-        for (wide, narrow, side) in layers {
-            let s = LayerShape { batch: 8, wide_channels: wide, narrow_channels: narrow, height: side, width: side };
-            let x = vec![0.5f32; s.batch * s.wide_len()];
-            let y = vec![0.5f32; s.batch * s.narrow_len()];
-            let w = vec![0.01f32; wide * narrow * 16];
-            let time = |f: &dyn Fn()| { let mut best = f64::MAX; for _ in 0..15 { let t = std::time::Instant::now(); f(); best = best.min(t.elapsed().as_secs_f64()); } best * 1e3 };
-            let t1 = time(&|| { std::hint::black_box(down_forward(s, &x, &w, &vec![0.0; narrow], Activation::LeakyRelu)); });
-            let t3 = time(&|| { std::hint::black_box(up_forward(s, &y, &w, &vec![0.0; wide], Activation::LeakyRelu)); });
-            total += t1 + t3;
-            line += &format!(" {wide}-{narrow}: {t1:.1}/{t3:.1}");
-        }
-        println!("fwd total {total:.1} ms |{line}");
-    }
-}
-#[cfg(test)]
-mod probe5 {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn probe_sigmoid() {
-        let mut v: Vec<f32> = (0..8 * 320 * 320).map(|i| ((i % 1000) as f32 - 500.0) / 100.0).collect();
-        for act in [Activation::LeakyRelu, Activation::Sigmoid] {
-            let mut best = f64::MAX;
-            for _ in 0..10 { let t = std::time::Instant::now(); act.apply(&mut v); best = best.min(t.elapsed().as_secs_f64()); }
-            println!("{act:?}: {:.2} ms per batch single thread", best * 1e3);
-        }
-    }
-}
-#[cfg(test)]
-mod probe6 {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn probe_up_split() {
-        for (wide, narrow, side) in [(16usize, 32usize, 160usize), (32, 64, 80)] {
-            let s = LayerShape { batch: 1, wide_channels: wide, narrow_channels: narrow, height: side, width: side };
-            let (p, k, wo) = (s.narrow_plane(), s.taps(), down_side(s.width));
-            let bands = bands(&s, UP_FORWARD_FLOATS);
-            let x = vec![0.5f32; s.narrow_len()];
-            let w = vec![0.01f32; narrow * k];
-            let mut cols = vec![0.0f32; k * bands[0].len() * wo];
-            let mut y = vec![0.0f32; s.wide_len()];
-            let time = |f: &mut dyn FnMut()| { let mut best = f64::MAX; for _ in 0..10 { let t = std::time::Instant::now(); f(); best = best.min(t.elapsed().as_secs_f64()); } best * 1e3 };
-            let tg = time(&mut || for band in &bands { let bn = band.len() * wo; matmul(&mut cols, bn, k, bn, narrow, Operand::transposed(&w, k), Operand::band(&x, p, band.start * wo), false, gemm::Parallelism::None); });
-            let tc = time(&mut || for band in &bands { col2im(&cols, wide, side, side, band.clone(), &mut y); });
-            let ta = time(&mut || Activation::LeakyRelu.apply(&mut y));
-            println!("up {narrow}->{wide}@{side} per image: gemm {tg:.2} col2im {tc:.2} act {ta:.2} ms (bands {})", bands.len());
-        }
-    }
-}
-#[cfg(test)]
-mod probe7 {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn probe_dw_orientation() {
-        for (co, k, bn) in [(32usize, 256usize, 240usize), (64, 512, 80), (16, 16, 3200), (64, 1024, 40), (32, 256, 6400)] {
-            let dz = vec![0.01f32; co * bn];
-            let cols = vec![0.02f32; k * bn];
-            let mut dw = vec![0.0f32; co * k];
-            let mut dwt = vec![0.0f32; k * co];
-            let time = |f: &mut dyn FnMut()| { let mut best = f64::MAX; for _ in 0..20 { let t = std::time::Instant::now(); f(); best = best.min(t.elapsed().as_secs_f64()); } best * 1e6 };
-            let a = time(&mut || matmul(&mut dw, k, co, k, bn, Operand::rows(&dz, bn), Operand::transposed(&cols, bn), true, gemm::Parallelism::None));
-            let b = time(&mut || matmul(&mut dwt, co, k, co, bn, Operand::rows(&cols, bn), Operand::transposed(&dz, bn), true, gemm::Parallelism::None));
-            let gf = |t: f64| 2.0 * (co * k * bn) as f64 / t / 1e3;
-            println!("co {co} k {k} bn {bn}: dW {a:.0} us ({:.0} GF/s), dW^T {b:.0} us ({:.0} GF/s)", gf(a), gf(b));
-        }
     }
 }

@@ -180,10 +180,9 @@ impl<C: CheckpointStrategy> StridedConvOps for Autodiff<Flex, C> {
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish(
-                (x, weight, output.clone(), direction, activation),
-                output,
-            ),
+            OpsKind::Tracked(prep) => {
+                prep.finish((x, weight, output.clone(), direction, activation), output)
+            }
             OpsKind::UnTracked(prep) => prep.finish(output),
         }
     }
@@ -225,9 +224,13 @@ fn through_kernels(
 /// An encoder layer (4x4, stride 2, padding 1, with bias) followed by `activation`.
 pub fn conv_down(conv: &Conv2d, x: Tensor<4>, activation: Activation) -> Tensor<4> {
     match &conv.bias {
-        Some(bias) if uses_kernels(&x.device()) => {
-            through_kernels(x, conv.weight.val(), bias.val(), Direction::Down, activation)
-        }
+        Some(bias) if uses_kernels(&x.device()) => through_kernels(
+            x,
+            conv.weight.val(),
+            bias.val(),
+            Direction::Down,
+            activation,
+        ),
         _ => apply(conv.forward(x), activation),
     }
 }
@@ -255,7 +258,10 @@ mod tests {
         assert_eq!(a.len(), b.len(), "{what}: length");
         let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!((x - y).abs() <= 1e-4 * scale, "{what}[{i}]: {x} vs burn {y}");
+            assert!(
+                (x - y).abs() <= 1e-4 * scale,
+                "{what}[{i}]: {x} vs burn {y}"
+            );
         }
     }
 
@@ -293,7 +299,11 @@ mod tests {
             .with_padding([1, 1])
             .init(&device);
         for batch in [1, 3] {
-            for act in [Activation::LeakyRelu, Activation::Sigmoid, Activation::Identity] {
+            for act in [
+                Activation::LeakyRelu,
+                Activation::Sigmoid,
+                Activation::Identity,
+            ] {
                 check(
                     [batch, 2, 10, 14],
                     |x| conv_down(&down, x, act),
@@ -335,49 +345,24 @@ mod tests {
                 Tensor::<4>::from_inner(p.val().grad(&grads).expect("weight gradient"))
             };
             let g1 = |p: &Option<burn::module::Param<Tensor<1>>>| {
-                let b = p.as_ref().expect("bias").val().grad(&grads).expect("bias gradient");
+                let b = p
+                    .as_ref()
+                    .expect("bias")
+                    .val()
+                    .grad(&grads)
+                    .expect("bias gradient");
                 Tensor::<1>::from_inner(b).reshape([1, 1, 1, -1])
             };
-            [g4(&down.weight), g1(&down.bias), g4(&up.weight), g1(&up.bias)]
+            [
+                g4(&down.weight),
+                g1(&down.bias),
+                g4(&up.weight),
+                g1(&up.bias),
+            ]
         };
         let names = ["down weight", "down bias", "up weight", "up bias"];
         for ((k, b), name) in grads_of(true).into_iter().zip(grads_of(false)).zip(names) {
             assert_close(k, b, name);
         }
-    }
-}
-#[cfg(test)]
-mod probe {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn probe_latent() {
-        let device = Device::flex();
-        let c1 = burn::nn::conv::Conv2dConfig::new([64, 8], [1, 1]).init(&device);
-        let c2 = burn::nn::conv::Conv2dConfig::new([8, 64], [1, 1]).init(&device);
-        let x = Tensor::<4>::random([8, 64, 20, 20], burn::tensor::Distribution::Uniform(0.0, 1.0), &device);
-        let x2 = Tensor::<4>::random([8, 1, 320, 320], burn::tensor::Distribution::Uniform(0.0, 1.0), &device);
-        let time = |name: &str, f: &dyn Fn() -> Tensor<4>| {
-            let mut best = f64::MAX;
-            for _ in 0..15 { let t = std::time::Instant::now(); let _ = f().into_data(); best = best.min(t.elapsed().as_secs_f64()); }
-            println!("{name}: {:.2} ms/batch", best * 1e3);
-        };
-        time("latent", &|| leaky_relu(c2.forward(leaky_relu(c1.forward(x.clone()), 0.2)), 0.2));
-        time("error", &|| (x2.clone() - x2.clone().mul_scalar(0.5)).square().mean_dim(1));
-        let spec = crate::engine::model::autoencoder_spec_for(20, 1);
-        let ae = spec.init(&device);
-        time("forward", &|| ae.forward(x2.clone()));
-        let d1 = burn::nn::conv::Conv2dConfig::new([1, 16], [4, 4]).with_stride([2, 2]).with_padding(burn::nn::PaddingConfig2d::Explicit(1, 1, 1, 1)).init(&device);
-        time("layer1 via tensor api", &|| conv_down(&d1, x2.clone(), Activation::LeakyRelu));
-        let xs = x2.to_data().to_vec::<f32>().unwrap();
-        let ws = d1.weight.val().to_data().to_vec::<f32>().unwrap();
-        let s = LayerShape { batch: 8, wide_channels: 1, narrow_channels: 16, height: 320, width: 320 };
-        let mut best = f64::MAX;
-        for _ in 0..15 { let t = std::time::Instant::now(); std::hint::black_box(conv_kernels::down_forward(s, &xs, &ws, &[0.0; 16], Activation::LeakyRelu)); best = best.min(t.elapsed().as_secs_f64()); }
-        println!("layer1 raw kernel real data: {:.2}", best * 1e3);
-        let ones = vec![0.5f32; xs.len()];
-        let mut best = f64::MAX;
-        for _ in 0..15 { let t = std::time::Instant::now(); std::hint::black_box(conv_kernels::down_forward(s, &ones, &ws, &[0.0; 16], Activation::LeakyRelu)); best = best.min(t.elapsed().as_secs_f64()); }
-        println!("layer1 raw kernel 0.5 data: {:.2}", best * 1e3);
     }
 }

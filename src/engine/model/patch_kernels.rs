@@ -197,7 +197,11 @@ pub fn patch_rows(
         for y in 0..h {
             for x in 0..w {
                 let up = if y > 0 { across[(y - 1) * w + x] } else { 0.0 };
-                let down = if y + 1 < h { across[(y + 1) * w + x] } else { 0.0 };
+                let down = if y + 1 < h {
+                    across[(y + 1) * w + x]
+                } else {
+                    0.0
+                };
                 rows[(y * w + x) * dim + c] = (up + across[y * w + x] + down) / 9.0;
             }
         }
@@ -255,25 +259,4 @@ pub fn nearest_distances(queries: &[f32], memory: &[f32], dim: usize) -> Vec<f32
             }
         });
     out
-}
-#[cfg(test)]
-mod probe {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn probe_pm_parts() {
-        let time = |name: &str, f: &mut dyn FnMut()| { let mut best = f64::MAX; for _ in 0..5 { let t = std::time::Instant::now(); f(); best = best.min(t.elapsed().as_secs_f64()); } println!("{name}: {:.1} ms/batch of 8", best * 1e3); };
-        let x = vec![0.3f32; 8 * 160 * 160];
-        let w1 = vec![0.1f32; 64 * 9]; let w2 = vec![0.01f32; 128 * 64 * 9]; let w3 = vec![0.01f32; 256 * 128 * 9];
-        let s1 = LevelShape { batch: 8, inputs: 1, outputs: 64, height: 160, width: 160 };
-        let s2 = LevelShape { batch: 8, inputs: 64, outputs: 128, height: 80, width: 80 };
-        let s3 = LevelShape { batch: 8, inputs: 128, outputs: 256, height: 40, width: 40 };
-        let l1 = conv3x3_relu_pool(s1, &x, &w1); let l2 = conv3x3_relu_pool(s2, &l1, &w2); let l3 = conv3x3_relu_pool(s3, &l2, &w3);
-        time("level 1", &mut || { std::hint::black_box(conv3x3_relu_pool(s1, &x, &w1)); });
-        time("level 2", &mut || { std::hint::black_box(conv3x3_relu_pool(s2, &l1, &w2)); });
-        time("level 3", &mut || { std::hint::black_box(conv3x3_relu_pool(s3, &l2, &w3)); });
-        time("patch rows", &mut || { let r: Vec<f32> = (0..8).into_par_iter().flat_map_iter(|i| patch_rows(&l2[i*128*1600..(i+1)*128*1600], 128, &l3[i*256*400..(i+1)*256*400], 256, (40, 40), (20, 20))).collect(); std::hint::black_box(r); });
-        let q = vec![0.1f32; 8 * 1600 * 384]; let m: Vec<f32> = (0..5000 * 384).map(|i| (i % 7) as f32 * 0.1).collect();
-        time("nearest", &mut || { std::hint::black_box(nearest_distances(&q, &m, 384)); });
-    }
 }

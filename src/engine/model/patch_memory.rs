@@ -206,10 +206,19 @@ impl PatchMemory {
         };
         let mut levels = Vec::with_capacity(self.convs.len());
         for conv in &self.convs {
-            let weight = conv.weight.val().into_data().try_to_vec::<f32>().unwrap_or_default();
+            let weight = conv
+                .weight
+                .val()
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap_or_default();
             shape.outputs = conv.weight.dims()[0];
             x = patch_kernels::conv3x3_relu_pool(shape, &x, &weight);
-            levels.push((x.clone(), shape.outputs, (shape.height / 2, shape.width / 2)));
+            levels.push((
+                x.clone(),
+                shape.outputs,
+                (shape.height / 2, shape.width / 2),
+            ));
             (shape.inputs, shape.height, shape.width) =
                 (shape.outputs, shape.height / 2, shape.width / 2);
         }
@@ -218,7 +227,10 @@ impl PatchMemory {
         let (coarse, c_coarse, coarse_side) = levels
             .get(2)
             .map_or((&none, 0, (1, 1)), |(v, c, s)| (v, *c, *s));
-        let (fine_len, coarse_len) = (c_fine * fine_side.0 * fine_side.1, c_coarse * coarse_side.0 * coarse_side.1);
+        let (fine_len, coarse_len) = (
+            c_fine * fine_side.0 * fine_side.1,
+            c_coarse * coarse_side.0 * coarse_side.1,
+        );
         use rayon::prelude::*;
         let rows: Vec<f32> = (0..batch)
             .into_par_iter()
@@ -226,7 +238,8 @@ impl PatchMemory {
                 patch_kernels::patch_rows(
                     &fine[i * fine_len..(i + 1) * fine_len],
                     *c_fine,
-                    &coarse[(i * coarse_len).min(coarse.len())..((i + 1) * coarse_len).min(coarse.len())],
+                    &coarse[(i * coarse_len).min(coarse.len())
+                        ..((i + 1) * coarse_len).min(coarse.len())],
                     c_coarse,
                     *fine_side,
                     coarse_side,
@@ -438,14 +451,24 @@ mod tests {
         for (i, (a, r)) in rows.iter().zip(&reference).enumerate() {
             assert!(close(*a, *r), "feature {i}: kernels {a}, burn {r}");
         }
-        let memory = Tensor::<2>::random([40, 13], burn::tensor::Distribution::Normal(0.0, 0.3), &device);
+        let memory = Tensor::<2>::random(
+            [40, 13],
+            burn::tensor::Distribution::Normal(0.0, 0.3),
+            &device,
+        );
         let model = model.with_memory(memory);
         let by_kernels = model.distances_by_kernels(input.clone()).into_data();
         let by_burn = model.distances_by_burn(input).into_data();
-        let (k, r) = (by_kernels.as_slice::<f32>().unwrap(), by_burn.as_slice::<f32>().unwrap());
+        let (k, r) = (
+            by_kernels.as_slice::<f32>().unwrap(),
+            by_burn.as_slice::<f32>().unwrap(),
+        );
         assert_eq!(k.len(), b * h * w);
         for (i, (a, r)) in k.iter().zip(r).enumerate() {
-            assert!((a - r).abs() <= 1e-3 * (1.0 + r.abs()), "distance {i}: kernels {a}, burn {r}");
+            assert!(
+                (a - r).abs() <= 1e-3 * (1.0 + r.abs()),
+                "distance {i}: kernels {a}, burn {r}"
+            );
         }
     }
 
@@ -464,20 +487,5 @@ mod tests {
         let flat = contrast_normalise(&[0.5; 64], 8, 3, 0.01);
         assert!(flat.iter().all(|v| v.abs() < 1e-6));
         assert_eq!(shrink_plane(&[0, 255, 255, 0], 2, 2), vec![0.5]);
-    }
-}
-#[cfg(test)]
-mod probe {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn probe_pm_input() {
-        let side = 160;
-        let plane: Vec<f32> = (0..side * side).map(|i| (i % 17) as f32 / 17.0).collect();
-        let px: Vec<u8> = (0..320 * 320).map(|i| (i % 251) as u8).collect();
-        let time = |name: &str, f: &mut dyn FnMut()| { let mut best = f64::MAX; for _ in 0..10 { let t = std::time::Instant::now(); f(); best = best.min(t.elapsed().as_secs_f64()); } println!("{name}: {:.2} ms per image", best * 1e3); };
-        time("shrink", &mut || { std::hint::black_box(shrink_plane(&px, 320, 2)); });
-        time("contrast", &mut || { std::hint::black_box(contrast_normalise(&plane, side, 31, 0.01)); });
-        time("box mean", &mut || { std::hint::black_box(box_mean(&plane, side, 31)); });
     }
 }

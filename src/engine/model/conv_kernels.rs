@@ -837,7 +837,12 @@ mod tests {
 
     #[test]
     fn col2im_is_the_adjoint_of_im2col() {
-        let (c, h, w) = (2, 6, 8);
+        for (c, h, w) in [(2, 6, 8), (3, 7, 9)] {
+            check_adjoint(c, h, w);
+        }
+    }
+
+    fn check_adjoint(c: usize, h: usize, w: usize) {
         let image: Vec<f32> = (0..c * h * w)
             .map(|i| ((i * 7) % 11) as f32 - 5.0)
             .collect();

@@ -290,6 +290,7 @@ mod tests {
     #[test]
     fn kernel_layers_match_burns_forward_and_input_gradient() {
         let device = Device::flex().autodiff();
+        assert!(uses_kernels(&device) && uses_kernels(&Device::flex()));
         let down = Conv2dConfig::new([2, 3], [4, 4])
             .with_stride([2, 2])
             .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
@@ -304,12 +305,15 @@ mod tests {
                 Activation::Sigmoid,
                 Activation::Identity,
             ] {
-                check(
-                    [batch, 2, 10, 14],
-                    |x| conv_down(&down, x, act),
-                    |x| apply(down.forward(x), act),
-                    &format!("down {act:?} batch {batch}"),
-                );
+                // Even sides, and odd ones (the general column-to-image path).
+                for [h, w] in [[10, 14], [9, 11]] {
+                    check(
+                        [batch, 2, h, w],
+                        |x| conv_down(&down, x, act),
+                        |x| apply(down.forward(x), act),
+                        &format!("down {act:?} batch {batch} {h}x{w}"),
+                    );
+                }
                 check(
                     [batch, 3, 5, 7],
                     |x| conv_up(&up, x, act),
@@ -322,16 +326,23 @@ mod tests {
 
     #[test]
     fn kernel_layers_match_burns_weight_and_bias_gradients() {
+        // Small images (one band of rows) and large ones (several bands in every pass).
+        check_gradients([3, 3, 12, 8], 4);
+        check_gradients([2, 16, 128, 96], 4);
+    }
+
+    fn check_gradients(dims: [usize; 4], narrow: usize) {
         let device = Device::flex().autodiff();
-        let down = Conv2dConfig::new([3, 4], [4, 4])
+        let wide = dims[1];
+        let down = Conv2dConfig::new([wide, narrow], [4, 4])
             .with_stride([2, 2])
             .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
             .init(&device);
-        let up = ConvTranspose2dConfig::new([4, 3], [4, 4])
+        let up = ConvTranspose2dConfig::new([narrow, wide], [4, 4])
             .with_stride([2, 2])
             .with_padding([1, 1])
             .init(&device);
-        let x = Tensor::<4>::random([3, 3, 12, 8], Distribution::Normal(0.0, 1.0), &device);
+        let x = Tensor::<4>::random(dims, Distribution::Normal(0.0, 1.0), &device);
         let grads_of = |use_kernels: bool| {
             let act = Activation::LeakyRelu;
             let y = if use_kernels {

@@ -260,3 +260,88 @@ pub fn nearest_distances(queries: &[f32], memory: &[f32], dim: usize) -> Vec<f32
         });
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 3x3 convolution (zero padding), ReLU and 2x2 mean, pixel by pixel.
+    fn reference(s: LevelShape, x: &[f32], weight: &[f32]) -> Vec<f32> {
+        let (h, w) = (s.height, s.width);
+        let conv = |b: usize, o: usize, y: usize, xx: usize| -> f32 {
+            let mut acc = 0.0;
+            for i in 0..s.inputs {
+                for ky in 0..3 {
+                    for kx in 0..3 {
+                        let (iy, ix) =
+                            (y as isize + ky as isize - 1, xx as isize + kx as isize - 1);
+                        if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                            let v = x[((b * s.inputs + i) * h + iy as usize) * w + ix as usize];
+                            acc += v * weight[((o * s.inputs + i) * 3 + ky) * 3 + kx];
+                        }
+                    }
+                }
+            }
+            acc.max(0.0)
+        };
+        let mut out = Vec::new();
+        for b in 0..s.batch {
+            for o in 0..s.outputs {
+                for y in 0..h / 2 {
+                    for xx in 0..w / 2 {
+                        let sum = conv(b, o, 2 * y, 2 * xx)
+                            + conv(b, o, 2 * y, 2 * xx + 1)
+                            + conv(b, o, 2 * y + 1, 2 * xx)
+                            + conv(b, o, 2 * y + 1, 2 * xx + 1);
+                        out.push(0.25 * sum);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn fused_level_matches_a_pixel_by_pixel_reference_over_several_bands() {
+        // 8 inputs at 64 x 60: 5 bands of pooled rows; and an odd size.
+        for (inputs, height, width) in [(8, 64, 60), (2, 9, 7)] {
+            let s = LevelShape {
+                batch: 2,
+                inputs,
+                outputs: 6,
+                height,
+                width,
+            };
+            let x: Vec<f32> = (0..s.batch * inputs * height * width)
+                .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+                .collect();
+            let weight: Vec<f32> = (0..6 * inputs * 9)
+                .map(|i| ((i * 31) % 17) as f32 / 17.0 - 0.5)
+                .collect();
+            let ours = conv3x3_relu_pool(s, &x, &weight);
+            let expected = reference(s, &x, &weight);
+            assert_eq!(ours.len(), expected.len());
+            for (i, (a, b)) in ours.iter().zip(&expected).enumerate() {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{i}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn nearest_distances_match_brute_force_over_tiles_and_chunks() {
+        let dim = 5;
+        let (n, m) = (300, 2100); // 3 query tiles, 3 memory chunks
+        let value = |i: usize| ((i * 2654435761) % 1000) as f32 / 250.0 - 2.0;
+        let queries: Vec<f32> = (0..n * dim).map(value).collect();
+        let memory: Vec<f32> = (0..m * dim).map(|i| value(i + 7)).collect();
+        let ours = nearest_distances(&queries, &memory, dim);
+        for (q, &d) in queries.chunks_exact(dim).zip(&ours) {
+            let best = memory
+                .chunks_exact(dim)
+                .map(|r| r.iter().zip(q).map(|(a, b)| (a - b) * (a - b)).sum::<f32>())
+                .fold(f32::INFINITY, f32::min)
+                .sqrt();
+            assert!((d - best).abs() <= 1e-3 * (1.0 + best), "{d} vs {best}");
+        }
+    }
+}

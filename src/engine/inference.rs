@@ -338,16 +338,22 @@ pub fn image_scores(
         .collect()
 }
 
+/// The normalised taps of a Gaussian of `sigma`, over `ceil(3 sigma)` on either side.
+fn gaussian_taps(sigma: f32) -> Vec<f32> {
+    let radius = (3.0 * sigma).ceil() as isize;
+    let taps: Vec<f32> = (-radius..=radius)
+        .map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp())
+        .collect();
+    let sum: f32 = taps.iter().sum();
+    taps.iter().map(|k| k / sum).collect()
+}
+
 /// Separable Gaussian blur of a row-major `width x height` map (edges clamp). Each pass adds the
 /// taps in order over whole rows (so the loops vectorise); every value is the same sum, in the
 /// same order, as a per-pixel loop over the taps.
 pub fn gaussian_blur(values: &[f32], width: usize, height: usize, sigma: f32) -> Vec<f32> {
-    let radius = (3.0 * sigma).ceil() as isize;
-    let kernel: Vec<f32> = (-radius..=radius)
-        .map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp())
-        .collect();
-    let sum: f32 = kernel.iter().sum();
-    let kernel: Vec<f32> = kernel.iter().map(|k| k / sum).collect();
+    let kernel = gaussian_taps(sigma);
+    let radius = (kernel.len() / 2) as isize;
     if width == 0 || height == 0 {
         return vec![0.0; values.len()];
     }
@@ -587,12 +593,8 @@ mod tests {
         // Clamped edges, per pixel and tap by tap: the same sums in the same order.
         let (w, h, sigma) = (9usize, 5usize, 1.5f32);
         let m: Vec<f32> = (0..w * h).map(|i| ((i * 37) % 11) as f32).collect();
-        let radius = (3.0 * sigma).ceil() as isize;
-        let k: Vec<f32> = (-radius..=radius)
-            .map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp())
-            .collect();
-        let total: f32 = k.iter().sum();
-        let k: Vec<f32> = k.iter().map(|v| v / total).collect();
+        let k = gaussian_taps(sigma);
+        let radius = (k.len() / 2) as isize;
         let at = |v: &[f32], x: isize, y: isize| {
             v[y.clamp(0, h as isize - 1) as usize * w + x.clamp(0, w as isize - 1) as usize]
         };

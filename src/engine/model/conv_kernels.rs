@@ -428,14 +428,14 @@ pub fn down_forward(
     bias: &[f32],
     act: Activation,
 ) -> Vec<f32> {
-    let threads = gemm_threads(s.batch);
     let image = LayerShape { batch: 1, ..s };
-    let mut out = vec![0.0f32; s.batch * s.narrow_len()];
-    for_each_image(s.batch, &mut out, |i, y| {
-        let xi = &x[i * s.wide_len()..][..s.wide_len()];
-        down_image(image, xi, weight, bias, act, threads, y);
-    });
-    out
+    batch_forward(
+        s.batch,
+        x,
+        s.wide_len(),
+        s.narrow_len(),
+        |xi, threads, y| down_image(image, xi, weight, bias, act, threads, y),
+    )
 }
 
 /// [`down_forward`] of one image (`s.batch` is ignored) into `y`, on `threads`.
@@ -492,12 +492,32 @@ pub fn up_forward(
     bias: &[f32],
     act: Activation,
 ) -> Vec<f32> {
-    let threads = gemm_threads(s.batch);
     let image = LayerShape { batch: 1, ..s };
-    let mut out = vec![0.0f32; s.batch * s.wide_len()];
-    for_each_image(s.batch, &mut out, |i, y| {
-        let xi = &x[i * s.narrow_len()..][..s.narrow_len()];
-        up_image(image, xi, weight, bias, act, threads, y);
+    batch_forward(
+        s.batch,
+        x,
+        s.narrow_len(),
+        s.wide_len(),
+        |xi, threads, y| up_image(image, xi, weight, bias, act, threads, y),
+    )
+}
+
+/// Runs `per_image` (input, threads for its products, zeroed output) over a batch of inputs of
+/// `in_len` values into a new batch of outputs of `out_len` values.
+fn batch_forward<F>(
+    batch: usize,
+    x: &[f32],
+    in_len: usize,
+    out_len: usize,
+    per_image: F,
+) -> Vec<f32>
+where
+    F: Fn(&[f32], gemm::Parallelism, &mut [f32]) + Send + Sync,
+{
+    let threads = gemm_threads(batch);
+    let mut out = vec![0.0f32; batch * out_len];
+    for_each_image(batch, &mut out, |i, y| {
+        per_image(&x[i * in_len..][..in_len], threads, y)
     });
     out
 }
@@ -625,6 +645,74 @@ fn image_runs(batch: usize) -> Vec<std::ops::Range<usize>> {
         .collect()
 }
 
+/// The sizes one layer's backward pass works with, per image.
+struct BackwardSizes {
+    /// Values of the layer's output (and its gradient).
+    output: usize,
+    /// Values of one output channel.
+    output_plane: usize,
+    /// Values of the layer's input (and its gradient).
+    input: usize,
+    /// Values of the (transposed) weight gradient.
+    weight: usize,
+    /// Values of the column matrix of one band.
+    cols: usize,
+}
+
+/// What a backward pass computes for one image: from the gradient before the activation (`dz`),
+/// add its weight gradient to `dw` (transposed) and, when asked, write its input gradient `dx`;
+/// `cols` is scratch space.
+type ImageBackward<'a> =
+    dyn Fn(usize, &[f32], &mut [f32], &mut [f32], Option<&mut [f32]>) + Sync + 'a;
+
+/// Runs a layer's backward pass over the batch, whole images per thread: the gradient before the
+/// activation and the bias gradient here, the rest in `per_image`. Returns the input gradient
+/// (when wanted) and the summed per-thread weight (transposed, `[taps, rows]`) and bias gradients.
+#[allow(clippy::too_many_arguments)]
+fn backward_batch(
+    batch: usize,
+    sizes: BackwardSizes,
+    output: &[f32],
+    output_grad: &[f32],
+    act: Activation,
+    want_input_grad: bool,
+    (taps, rows): (usize, usize),
+    per_image: &ImageBackward,
+) -> LayerGrads {
+    let mut input_grad = want_input_grad.then(|| vec![0.0f32; batch * sizes.input]);
+    let input_grad_ptr = input_grad
+        .as_mut()
+        .map(|g| SharedOut(g.as_mut_ptr(), g.len()));
+    let channels = sizes.output / sizes.output_plane.max(1);
+    let parts: Vec<(Vec<f32>, Vec<f32>)> = image_runs(batch)
+        .into_par_iter()
+        .map(|run| {
+            let mut dw = vec![0.0f32; sizes.weight];
+            let mut db = vec![0.0f32; channels];
+            let mut cols = vec![0.0f32; sizes.cols];
+            let mut dz = vec![0.0f32; sizes.output];
+            for i in run {
+                let range = i * sizes.output..(i + 1) * sizes.output;
+                dz.copy_from_slice(&output_grad[range.clone()]);
+                act.backward(&output[range], &mut dz);
+                for (b, chunk) in db.iter_mut().zip(dz.chunks_exact(sizes.output_plane)) {
+                    *b += chunk.iter().sum::<f32>();
+                }
+                // SAFETY: each image writes only its own disjoint range of the input gradient.
+                let dx = input_grad_ptr.map(|g| unsafe { g.range(i * sizes.input, sizes.input) });
+                per_image(i, &dz, &mut dw, &mut cols, dx);
+            }
+            (dw, db)
+        })
+        .collect();
+    let (weight, bias) = sum_partials(parts, taps, rows);
+    LayerGrads {
+        input: input_grad,
+        weight,
+        bias,
+    }
+}
+
 /// Encoder layer backward, from its input `x`, `weight`, its (activated) `output` and the
 /// gradient of that output.
 pub fn down_backward(
@@ -644,77 +732,59 @@ pub fn down_backward(
     );
     let threads = gemm_threads(s.batch);
     let bands = bands(&s, BAND_FLOATS);
-    let mut input_grad = want_input_grad.then(|| vec![0.0f32; s.batch * s.wide_len()]);
-    let input_grad_ptr = input_grad
-        .as_mut()
-        .map(|g| SharedOut(g.as_mut_ptr(), g.len()));
-    let parts: Vec<(Vec<f32>, Vec<f32>)> = image_runs(s.batch)
-        .into_par_iter()
-        .map(|run| {
-            let mut dw = vec![0.0f32; co * k];
-            let mut db = vec![0.0f32; co];
-            let mut cols = vec![0.0f32; k * bands[0].len() * wo];
-            let mut dz = vec![0.0f32; s.narrow_len()];
-            for i in run {
-                let range = i * s.narrow_len()..(i + 1) * s.narrow_len();
-                dz.copy_from_slice(&output_grad[range.clone()]);
-                act.backward(&output[range], &mut dz);
-                for (b, chunk) in db.iter_mut().zip(dz.chunks_exact(p)) {
-                    *b += chunk.iter().sum::<f32>();
-                }
-                let xi = &x[i * s.wide_len()..][..s.wide_len()];
-                // SAFETY: each image writes only its own disjoint range of the input gradient.
-                let mut dx =
-                    input_grad_ptr.map(|g| unsafe { g.range(i * s.wide_len(), s.wide_len()) });
-                for band in &bands {
-                    let bn = band.len() * wo;
-                    let dz_band = Operand::band(&dz, p, band.start * wo);
-                    im2col(
-                        xi,
-                        s.wide_channels,
-                        s.height,
-                        s.width,
-                        band.clone(),
-                        &mut cols,
-                    );
-                    // The weight gradient transposed (`[k, co]`): this product's shape runs
-                    // 1.3-1.7x faster in gemm than `[co, k]` (measured on these layers).
+    let sizes = BackwardSizes {
+        output: s.narrow_len(),
+        output_plane: p,
+        input: s.wide_len(),
+        weight: co * k,
+        cols: k * bands[0].len() * wo,
+    };
+    let per_image =
+        |i: usize, dz: &[f32], dw: &mut [f32], cols: &mut [f32], mut dx: Option<&mut [f32]>| {
+            let xi = &x[i * s.wide_len()..][..s.wide_len()];
+            for band in &bands {
+                let bn = band.len() * wo;
+                let dz_band = Operand::band(dz, p, band.start * wo);
+                im2col(xi, s.wide_channels, s.height, s.width, band.clone(), cols);
+                // The weight gradient transposed (`[k, co]`): this product's shape runs 1.3-1.7x
+                // faster in gemm than `[co, k]` (measured on these layers).
+                matmul(
+                    dw,
+                    co,
+                    k,
+                    co,
+                    bn,
+                    Operand::rows(cols, bn),
+                    dz_band.t(),
+                    true,
+                    threads,
+                );
+                if let Some(dx) = dx.as_deref_mut() {
                     matmul(
-                        &mut dw,
-                        co,
-                        k,
-                        co,
+                        cols,
                         bn,
-                        Operand::rows(&cols, bn),
-                        dz_band.t(),
-                        true,
+                        k,
+                        bn,
+                        co,
+                        Operand::transposed(weight, k),
+                        dz_band,
+                        false,
                         threads,
                     );
-                    if let Some(dx) = dx.as_deref_mut() {
-                        matmul(
-                            &mut cols,
-                            bn,
-                            k,
-                            bn,
-                            co,
-                            Operand::transposed(weight, k),
-                            dz_band,
-                            false,
-                            threads,
-                        );
-                        col2im(&cols, s.wide_channels, s.height, s.width, band.clone(), dx);
-                    }
+                    col2im(cols, s.wide_channels, s.height, s.width, band.clone(), dx);
                 }
             }
-            (dw, db)
-        })
-        .collect();
-    let (weight_grad, bias_grad) = sum_partials(parts, k, co);
-    LayerGrads {
-        input: input_grad,
-        weight: weight_grad,
-        bias: bias_grad,
-    }
+        };
+    backward_batch(
+        s.batch,
+        sizes,
+        output,
+        output_grad,
+        act,
+        want_input_grad,
+        (k, co),
+        &per_image,
+    )
 }
 
 /// Decoder layer backward, from its input `x`, `weight`, its (activated) `output` and the
@@ -732,67 +802,57 @@ pub fn up_backward(
     let (ci, co) = (s.narrow_channels, s.wide_channels);
     let threads = gemm_threads(s.batch);
     let bands = bands(&s, BAND_FLOATS);
-    let mut input_grad = want_input_grad.then(|| vec![0.0f32; s.batch * s.narrow_len()]);
-    let input_grad_ptr = input_grad
-        .as_mut()
-        .map(|g| SharedOut(g.as_mut_ptr(), g.len()));
-    let parts: Vec<(Vec<f32>, Vec<f32>)> = image_runs(s.batch)
-        .into_par_iter()
-        .map(|run| {
-            let mut dw = vec![0.0f32; ci * k];
-            let mut db = vec![0.0f32; co];
-            let mut cols = vec![0.0f32; k * bands[0].len() * wo];
-            let mut dz = vec![0.0f32; s.wide_len()];
-            for i in run {
-                let range = i * s.wide_len()..(i + 1) * s.wide_len();
-                dz.copy_from_slice(&output_grad[range.clone()]);
-                act.backward(&output[range], &mut dz);
-                for (b, chunk) in db.iter_mut().zip(dz.chunks_exact(s.wide_plane())) {
-                    *b += chunk.iter().sum::<f32>();
-                }
-                let xi = &x[i * s.narrow_len()..][..s.narrow_len()];
-                // SAFETY: each image writes only its own disjoint range of the input gradient.
-                let mut dx =
-                    input_grad_ptr.map(|g| unsafe { g.range(i * s.narrow_len(), s.narrow_len()) });
-                for band in &bands {
-                    let bn = band.len() * wo;
-                    im2col(&dz, co, s.height, s.width, band.clone(), &mut cols);
-                    // Transposed (`[k, ci]`), as in `down_backward`.
+    let sizes = BackwardSizes {
+        output: s.wide_len(),
+        output_plane: s.wide_plane(),
+        input: s.narrow_len(),
+        weight: ci * k,
+        cols: k * bands[0].len() * wo,
+    };
+    let per_image =
+        |i: usize, dz: &[f32], dw: &mut [f32], cols: &mut [f32], mut dx: Option<&mut [f32]>| {
+            let xi = &x[i * s.narrow_len()..][..s.narrow_len()];
+            for band in &bands {
+                let bn = band.len() * wo;
+                im2col(dz, co, s.height, s.width, band.clone(), cols);
+                // Transposed (`[k, ci]`), as in `down_backward`.
+                let x_band = Operand::band(xi, p, band.start * wo);
+                matmul(
+                    dw,
+                    ci,
+                    k,
+                    ci,
+                    bn,
+                    Operand::rows(cols, bn),
+                    x_band.t(),
+                    true,
+                    threads,
+                );
+                if let Some(dx) = dx.as_deref_mut() {
                     matmul(
-                        &mut dw,
-                        ci,
-                        k,
+                        &mut dx[band.start * wo..],
+                        p,
                         ci,
                         bn,
-                        Operand::rows(&cols, bn),
-                        Operand::band(xi, p, band.start * wo).t(),
-                        true,
+                        k,
+                        Operand::rows(weight, k),
+                        Operand::rows(cols, bn),
+                        false,
                         threads,
                     );
-                    if let Some(dx) = dx.as_deref_mut() {
-                        matmul(
-                            &mut dx[band.start * wo..],
-                            p,
-                            ci,
-                            bn,
-                            k,
-                            Operand::rows(weight, k),
-                            Operand::rows(&cols, bn),
-                            false,
-                            threads,
-                        );
-                    }
                 }
             }
-            (dw, db)
-        })
-        .collect();
-    let (weight_grad, bias_grad) = sum_partials(parts, k, ci);
-    LayerGrads {
-        input: input_grad,
-        weight: weight_grad,
-        bias: bias_grad,
-    }
+        };
+    backward_batch(
+        s.batch,
+        sizes,
+        output,
+        output_grad,
+        act,
+        want_input_grad,
+        (k, ci),
+        &per_image,
+    )
 }
 
 /// A raw view of an output buffer that threads fill in disjoint ranges.

@@ -1015,6 +1015,20 @@ pub fn demo_project() -> Result<PathBuf> {
     let root = demo_dir();
     let file = root.join("demo.inkspect");
     if file.is_file() {
+        // Demo projects written by the first versions used the shipped model itself: give them
+        // their own copy, so that training there never rewrites the file in the sources.
+        if let (Ok(mut project), Some(bundled)) = (
+            crate::engine::project::Project::load(&file),
+            bundled_demo_model(),
+        ) && project.model_path.as_deref() == Some(bundled.as_path())
+        {
+            let copy = root.join("demo.ink");
+            std::fs::copy(&bundled, &copy).with_context(|| {
+                format!("cannot copy {} to {}", bundled.display(), copy.display())
+            })?;
+            project.model_path = Some(copy);
+            project.save(&file)?;
+        }
         return Ok(file);
     }
     let images = root.join("images");

@@ -220,9 +220,6 @@ fn im2col(image: &[f32], channels: usize, h: usize, w: usize, band: Band, cols: 
 /// The adjoint of [`im2col`]: adds every column entry of `band` back onto its pixel of `image`
 /// (`[channels, h, w]`, which the caller zeroes or pre-fills).
 fn col2im(cols: &[f32], channels: usize, h: usize, w: usize, band: Band, image: &mut [f32]) {
-    if w.is_multiple_of(2) && w >= 2 {
-        return col2im_even(cols, channels, h, w, band, image);
-    }
     let wo = down_side(w);
     let n = band.len() * wo;
     let mut split = RowSplit::new(w);
@@ -246,33 +243,6 @@ fn col2im(cols: &[f32], channels: usize, h: usize, w: usize, band: Band, image: 
                         .for_each(|(a, v)| *a += v);
                 }
                 split.add_to(&mut plane[(iy - 1) * w..iy * w]);
-            }
-        }
-    }
-}
-
-/// [`col2im`] for even widths: each image row adds its four horizontal taps in one pass, even
-/// columns from taps 1 and 3, odd ones from taps 0 and 2.
-fn col2im_even(cols: &[f32], channels: usize, h: usize, w: usize, band: Band, image: &mut [f32]) {
-    let wo = w / 2;
-    let n = band.len() * wo;
-    for c in 0..channels {
-        let plane = &mut image[c * h * w..(c + 1) * h * w];
-        for ky in 0..KERNEL {
-            for (r, oy) in band.clone().enumerate() {
-                let iy = 2 * oy + ky;
-                if iy == 0 || iy > h {
-                    continue;
-                }
-                let tap = |kx: usize| &cols[(c * TAPS + ky * KERNEL + kx) * n + r * wo..][..wo];
-                let (t0, t1, t2, t3) = (tap(0), tap(1), tap(2), tap(3));
-                let dst = &mut plane[(iy - 1) * w..iy * w];
-                dst[0] += t1[0];
-                dst[w - 1] += t2[wo - 1];
-                for j in 1..wo {
-                    dst[2 * j] += t1[j] + t3[j - 1];
-                    dst[2 * j - 1] += t2[j - 1] + t0[j];
-                }
             }
         }
     }

@@ -79,6 +79,7 @@ impl PatchMemorySpec {
             contrast_window_px: self.contrast_window_px,
             contrast_floor: self.contrast_floor,
             input_shrink: self.input_shrink,
+            search: SearchCache::default(),
         }
     }
 
@@ -116,7 +117,15 @@ pub struct PatchMemory {
     contrast_window_px: usize,
     contrast_floor: f32,
     input_shrink: usize,
+    /// The memory's search index on the CPU, built on first use and rebuilt when the memory
+    /// changes (not saved: a second or less to build).
+    #[module(skip)]
+    search: SearchCache,
 }
+
+/// The cached [`patch_kernels::MemoryIndex`] of a patch memory, shared by its clones.
+type SearchCache =
+    std::sync::Arc<std::sync::Mutex<Option<std::sync::Arc<patch_kernels::MemoryIndex>>>>;
 
 impl PatchMemory {
     /// The extractor's input for `images` (all of one size and mode): each image shrunk by
@@ -262,12 +271,45 @@ impl PatchMemory {
     /// [`PatchMemory::distances`] through the CPU kernels.
     fn distances_by_kernels(&self, input: Tensor<4>) -> Tensor<4> {
         let device = input.device();
+        let t0 = std::time::Instant::now();
         let (rows, [b, h, w]) = self.patch_rows_by_kernels(input);
+        let t1 = t0.elapsed();
         let memory = self.memory.val();
         let dim = memory.dims()[1];
         let memory = memory.into_data().try_to_vec::<f32>().unwrap_or_default();
-        let nearest = patch_kernels::nearest_distances(&rows, &memory, dim);
+        let index = self.search_index(&memory, dim);
+        let t2 = t0.elapsed();
+        let nearest = index.nearest(&memory, &rows);
+        if std::env::var_os("PROBE_SEARCH").is_some() {
+            eprintln!(
+                "PROBE batch {b}: features {:?} index {:?} search {:?}",
+                t1,
+                t2 - t1,
+                t0.elapsed() - t2
+            );
+        }
         Tensor::from_data(TensorData::new(nearest, [b, 1, h, w]), &device)
+    }
+
+    /// The search index of `memory` (this module's memory as values), from the cache when it
+    /// still matches.
+    fn search_index(
+        &self,
+        memory: &[f32],
+        dim: usize,
+    ) -> std::sync::Arc<patch_kernels::MemoryIndex> {
+        let mut cache = self
+            .search
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match cache.as_ref() {
+            Some(index) if index.is_for(memory, dim) => index.clone(),
+            _ => {
+                let index = std::sync::Arc::new(patch_kernels::MemoryIndex::build(memory, dim));
+                *cache = Some(index.clone());
+                index
+            }
+        }
     }
 
     /// [`PatchMemory::distances`] through burn's operations (any device).
@@ -296,6 +338,7 @@ impl PatchMemory {
     /// Replaces the memory with `patches` (`[memory_patches, feature_dim]`).
     pub fn with_memory(mut self, patches: Tensor<2>) -> PatchMemory {
         self.memory = Param::from_tensor(patches);
+        self.search = SearchCache::default();
         self
     }
 }

@@ -282,10 +282,15 @@ impl PatchMemory {
         let nearest = index.nearest(&memory, &rows);
         if std::env::var_os("PROBE_SEARCH").is_some() {
             eprintln!(
-                "PROBE batch {b}: features {:?} index {:?} search {:?}",
+                "PROBE batch {b}: features {:?} index {:?} search {:?} counts {:?}",
                 t1,
                 t2 - t1,
-                t0.elapsed() - t2
+                t0.elapsed() - t2,
+                (
+                    patch_kernels::SEARCH_COUNTS.0.load(std::sync::atomic::Ordering::Relaxed),
+                    patch_kernels::SEARCH_COUNTS.1.load(std::sync::atomic::Ordering::Relaxed),
+                    patch_kernels::SEARCH_COUNTS.2.load(std::sync::atomic::Ordering::Relaxed),
+                )
             );
         }
         Tensor::from_data(TensorData::new(nearest, [b, 1, h, w]), &device)

@@ -206,27 +206,6 @@ pub fn patch_rows(
     rows
 }
 
-/// PROBE counters (queries, first-bound candidates, dense queries).
-pub struct SearchCounts(
-    pub std::sync::atomic::AtomicUsize,
-    pub std::sync::atomic::AtomicUsize,
-    pub std::sync::atomic::AtomicUsize,
-);
-impl SearchCounts {
-    fn record(&self, q: usize, c: usize, d: usize) {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.0.fetch_add(q, Relaxed);
-        self.1.fetch_add(c, Relaxed);
-        self.2.fetch_add(d, Relaxed);
-    }
-}
-/// PROBE
-pub static SEARCH_COUNTS: SearchCounts = SearchCounts(
-    std::sync::atomic::AtomicUsize::new(0),
-    std::sync::atomic::AtomicUsize::new(0),
-    std::sync::atomic::AtomicUsize::new(0),
-);
-
 /// Directions of the search subspace: distances there are lower bounds of the full ones.
 const SEARCH_DIMS: usize = 32;
 /// Subspace iterations towards the memory's principal directions.
@@ -443,6 +422,11 @@ impl MemoryIndex {
     /// rounding.
     pub fn nearest(&self, memory: &[f32], queries: &[f32]) -> Vec<f32> {
         let dim = self.dim;
+        assert_eq!(
+            memory.len(),
+            self.memory_sq.len() * dim,
+            "the memory is not the one the search index was built from"
+        );
         let n = queries.len() / dim.max(1);
         let mut out = vec![f32::INFINITY; n];
         if n == 0 || self.memory_sq.is_empty() {
@@ -531,7 +515,6 @@ impl MemoryIndex {
         for k in 0..queries {
             if full_distances > (k + 1) * m / DENSE_FRACTION {
                 // Features the subspace describes poorly: full products for the rest.
-                SEARCH_COUNTS.record(0, 0, queries - k);
                 dense_nearest(
                     &tile[k * dim..],
                     memory,
@@ -574,7 +557,8 @@ impl MemoryIndex {
                     // The whole subspace: the leading part plus the rest (orthogonal to it).
                     let j = b * SCAN_BLOCK + i;
                     let pt = &self.projected[j * r + head..(j + 1) * r];
-                    if qh_sq + v + squared_distance(qt, qt_sq, pt, self.tail_sq[j]) < best + margin {
+                    if qh_sq + v + squared_distance(qt, qt_sq, pt, self.tail_sq[j]) < best + margin
+                    {
                         full_distances += 1;
                         let d = squared_distance(q, q_sq, memory_row(j), self.memory_sq[j]);
                         if d < best {
@@ -586,9 +570,7 @@ impl MemoryIndex {
                 }
             }
             nearest[k] = best.max(0.0).sqrt();
-            SEARCH_COUNTS.record(1, 0, 0);
         }
-        SEARCH_COUNTS.record(0, full_distances, 0);
     }
 }
 
@@ -694,17 +676,46 @@ mod tests {
     #[test]
     fn the_pruned_search_finds_the_same_nearest_patches_as_brute_force() {
         // Rows in a few clusters (strong shared directions) told apart by noise in every
-        // direction, so that the nearest row often lies outside the subspace's first pick; and
-        // a memory smaller than the search subspace.
+        // direction, so that the nearest row often lies outside the subspace's first pick; a
+        // memory smaller than the search subspace; and plain noise in many directions, which
+        // the subspace describes too poorly to prune (the full products, over several chunks).
         let value = |i: usize| {
             let h = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
             (h % 2000) as f32 / 1000.0 - 1.0
         };
-        for (dim, m, n) in [(48, 1500, 200), (6, 4, 30)] {
+        #[derive(Clone, Copy, PartialEq)]
+        enum Rows {
+            /// Five clusters with noise in every direction.
+            Clustered,
+            /// Six hidden factors plus a little noise: what the subspace describes well, so
+            /// that the bounds do the work.
+            FewFactors,
+            /// Noise only.
+            Noise,
+        }
+        let cases = [
+            (48, 1500, 200, Rows::Clustered),
+            (48, 1500, 300, Rows::FewFactors),
+            (6, 4, 30, Rows::Clustered),
+            (96, 2100, 150, Rows::Noise),
+        ];
+        for (dim, m, n, kind) in cases {
             let row = |seed: usize, dim: usize| -> Vec<f32> {
-                (0..dim)
-                    .map(|k| 3.0 * value((seed % 5) * 1000 + k) + 0.5 * value(seed * 131 + k + 7))
-                    .collect()
+                let noise = |k: usize| value(seed * 131 + k + 7);
+                match kind {
+                    Rows::Clustered => (0..dim)
+                        .map(|k| 3.0 * value((seed % 5) * 1000 + k) + 0.5 * noise(k))
+                        .collect(),
+                    Rows::FewFactors => (0..dim)
+                        .map(|k| {
+                            (0..6)
+                                .map(|f| value(seed * 17 + f + 3) * value(50_000 + f * 100 + k))
+                                .sum::<f32>()
+                                + 0.02 * noise(k)
+                        })
+                        .collect(),
+                    Rows::Noise => (0..dim).map(|k| 0.5 * noise(k)).collect(),
+                }
             };
             let memory: Vec<f32> = (0..m).flat_map(|j| row(j, dim)).collect();
             let queries: Vec<f32> = (0..n).flat_map(|j| row(j + 100_000, dim)).collect();

@@ -271,28 +271,12 @@ impl PatchMemory {
     /// [`PatchMemory::distances`] through the CPU kernels.
     fn distances_by_kernels(&self, input: Tensor<4>) -> Tensor<4> {
         let device = input.device();
-        let t0 = std::time::Instant::now();
         let (rows, [b, h, w]) = self.patch_rows_by_kernels(input);
-        let t1 = t0.elapsed();
         let memory = self.memory.val();
         let dim = memory.dims()[1];
         let memory = memory.into_data().try_to_vec::<f32>().unwrap_or_default();
         let index = self.search_index(&memory, dim);
-        let t2 = t0.elapsed();
         let nearest = index.nearest(&memory, &rows);
-        if std::env::var_os("PROBE_SEARCH").is_some() {
-            eprintln!(
-                "PROBE batch {b}: features {:?} index {:?} search {:?} counts {:?}",
-                t1,
-                t2 - t1,
-                t0.elapsed() - t2,
-                (
-                    patch_kernels::SEARCH_COUNTS.0.load(std::sync::atomic::Ordering::Relaxed),
-                    patch_kernels::SEARCH_COUNTS.1.load(std::sync::atomic::Ordering::Relaxed),
-                    patch_kernels::SEARCH_COUNTS.2.load(std::sync::atomic::Ordering::Relaxed),
-                )
-            );
-        }
         Tensor::from_data(TensorData::new(nearest, [b, 1, h, w]), &device)
     }
 

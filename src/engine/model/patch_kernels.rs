@@ -31,9 +31,209 @@ pub struct LevelShape {
     pub width: usize,
 }
 
+/// Fewest input channels for which a level runs as Winograd F(2x2, 3x3); below it (the first
+/// level, 1 or 3 inputs) the products are too thin for the transforms to pay.
+const WINOGRAD_MIN_INPUTS: usize = 16;
+/// Floats of transformed inputs and products worked on at once (measured: 128 K floats left the
+/// products too thin, 40 tiles wide, and 2 M gained nothing over this).
+const WINOGRAD_BAND_FLOATS: usize = 512 * 1024;
+
 /// One level of the extractor: 3x3 convolution (padding 1, no bias), ReLU, 2x2 average pooling.
 /// `x [batch, inputs, h, w]`, `weight [outputs, inputs, 3, 3]` → `[batch, outputs, h/2, w/2]`.
 pub fn conv3x3_relu_pool(s: LevelShape, x: &[f32], weight: &[f32]) -> Vec<f32> {
+    if s.inputs >= WINOGRAD_MIN_INPUTS {
+        winograd_relu_pool(s, x, weight)
+    } else {
+        direct_relu_pool(s, x, weight)
+    }
+}
+
+/// Threads for each image's products: none when the batch already keeps every core busy.
+fn product_threads(batch: usize) -> gemm::Parallelism {
+    if batch >= rayon::current_num_threads() {
+        gemm::Parallelism::None
+    } else {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    }
+}
+
+/// The 16 transformed 3x3 kernels of Winograd F(2x2, 3x3), `U = G g G^T`:
+/// `[16, outputs, inputs]` from `weight [outputs, inputs, 3, 3]`.
+fn winograd_weights(inputs: usize, outputs: usize, weight: &[f32]) -> Vec<f32> {
+    const G: [[f32; 3]; 4] = [
+        [1.0, 0.0, 0.0],
+        [0.5, 0.5, 0.5],
+        [0.5, -0.5, 0.5],
+        [0.0, 0.0, 1.0],
+    ];
+    let pairs = inputs * outputs;
+    let mut u = vec![0.0f32; 16 * pairs];
+    for (pair, g) in weight.chunks_exact(9).enumerate().take(pairs) {
+        for a in 0..4 {
+            for b in 0..4 {
+                let mut sum = 0.0f32;
+                for i in 0..3 {
+                    for j in 0..3 {
+                        sum += G[a][i] * g[i * 3 + j] * G[b][j];
+                    }
+                }
+                u[(a * 4 + b) * pairs + pair] = sum;
+            }
+        }
+    }
+    u
+}
+
+/// [`conv3x3_relu_pool`] by Winograd F(2x2, 3x3): each 2x2 output tile, which is also the
+/// pooling window, comes from 16 products instead of 36 per input and output channel (the
+/// products run as 16 matrix products per band of tile rows); the transforms run along whole
+/// rows, split into even and odd columns so that they vectorise. Same result up to rounding.
+fn winograd_relu_pool(s: LevelShape, x: &[f32], weight: &[f32]) -> Vec<f32> {
+    let (h, w) = (s.height, s.width);
+    let (hp, wp) = (h / 2, w / 2);
+    let (ni, no) = (s.inputs, s.outputs);
+    let (in_len, out_len) = (ni * h * w, no * hp * wp);
+    let mut out = vec![0.0f32; s.batch * out_len];
+    if out_len == 0 {
+        return out;
+    }
+    let u = winograd_weights(ni, no, weight);
+    let band_rows = (WINOGRAD_BAND_FLOATS / (16 * (ni + no) * wp)).clamp(1, hp);
+    let cap = band_rows * wp;
+    let threads = product_threads(s.batch);
+    // Padded row: input column `ix` at `ix + 1`, zero at both ends, even length.
+    let pw = 2 * wp + 4;
+    let half = pw / 2;
+    out.par_chunks_mut(out_len)
+        .enumerate()
+        .for_each(|(img, y)| {
+            let xi = &x[img * in_len..(img + 1) * in_len];
+            let mut v = vec![0.0f32; 16 * ni * cap];
+            let mut m = vec![0.0f32; 16 * no * cap];
+            let mut rows = vec![0.0f32; 4 * pw];
+            let mut split_even = vec![0.0f32; 4 * half];
+            let mut split_odd = vec![0.0f32; 4 * half];
+            let mut even = vec![0.0f32; 4 * half];
+            let mut odd = vec![0.0f32; 4 * half];
+            let mut s0 = vec![0.0f32; 4 * wp];
+            let mut s1 = vec![0.0f32; 4 * wp];
+            for r0 in (0..hp).step_by(band_rows) {
+                let r1 = (r0 + band_rows).min(hp);
+                let tiles = (r1 - r0) * wp;
+                for c in 0..ni {
+                    let plane = &xi[c * h * w..(c + 1) * h * w];
+                    for ty in r0..r1 {
+                        // Input rows 2 ty - 1 .. 2 ty + 2, zero outside the image.
+                        rows.fill(0.0);
+                        for a in 0..4 {
+                            let iy = 2 * ty + a;
+                            if iy >= 1 && iy <= h {
+                                rows[a * pw + 1..a * pw + 1 + w]
+                                    .copy_from_slice(&plane[(iy - 1) * w..iy * w]);
+                            }
+                        }
+                        // Each row split into even and odd columns, then B^T d down the columns of
+                        // both halves (plain passes over slices, so that they vectorise).
+                        for a in 0..4 {
+                            let row = &rows[a * pw..(a + 1) * pw];
+                            let (e, o) = (&mut split_even[a * half..], &mut split_odd[a * half..]);
+                            for (k, pair) in row.chunks_exact(2).enumerate() {
+                                e[k] = pair[0];
+                                o[k] = pair[1];
+                            }
+                        }
+                        for (source, target) in [(&split_even, &mut even), (&split_odd, &mut odd)] {
+                            let (d0, rest) = source.split_at(half);
+                            let (d1, rest) = rest.split_at(half);
+                            let (d2, d3) = rest.split_at(half);
+                            let (t0, rest) = target.split_at_mut(half);
+                            let (t1, rest) = rest.split_at_mut(half);
+                            let (t2, t3) = rest.split_at_mut(half);
+                            for i in 0..half {
+                                t0[i] = d0[i] - d2[i];
+                                t1[i] = d1[i] + d2[i];
+                                t2[i] = d2[i] - d1[i];
+                                t3[i] = d1[i] - d3[i];
+                            }
+                        }
+                        // (.) B along the rows: tile tx reads columns E[tx], O[tx], E[tx+1], O[tx+1].
+                        let base = (ty - r0) * wp;
+                        for a in 0..4 {
+                            let e = &even[a * half..(a + 1) * half];
+                            let o = &odd[a * half..(a + 1) * half];
+                            for b in 0..4 {
+                                let dst = &mut v[((a * 4 + b) * ni + c) * cap + base..][..wp];
+                                let (e0, e1, o0, o1) = (&e[..wp], &e[1..=wp], &o[..wp], &o[1..=wp]);
+                                for tx in 0..wp {
+                                    dst[tx] = match b {
+                                        0 => e0[tx] - e1[tx],
+                                        1 => o0[tx] + e1[tx],
+                                        2 => e1[tx] - o0[tx],
+                                        _ => o0[tx] - o1[tx],
+                                    };
+                                }
+                            }
+                        }
+                    }
+                }
+                for k in 0..16 {
+                    matmul(
+                        &mut m[k * no * cap..(k + 1) * no * cap],
+                        cap,
+                        no,
+                        tiles,
+                        ni,
+                        Operand::rows(&u[k * no * ni..(k + 1) * no * ni], ni),
+                        Operand::rows(&v[k * ni * cap..(k + 1) * ni * cap], cap),
+                        false,
+                        threads,
+                    );
+                }
+                // A^T M A per tile, then ReLU and the 2x2 average.
+                for o in 0..no {
+                    for ty in r0..r1 {
+                        let base = (ty - r0) * wp;
+                        let mk = |k: usize| &m[(k * no + o) * cap + base..][..wp];
+                        // A^T down the columns: s0 = M0 + M1 + M2, s1 = M1 - M2 - M3 (rows of M).
+                        for b in 0..4 {
+                            let (m0, m1, m2, m3) = (mk(b), mk(4 + b), mk(8 + b), mk(12 + b));
+                            let (r0, r1) = (&mut s0[b * wp..][..wp], &mut s1[b * wp..][..wp]);
+                            for tx in 0..wp {
+                                r0[tx] = m0[tx] + m1[tx] + m2[tx];
+                                r1[tx] = m1[tx] - m2[tx] - m3[tx];
+                            }
+                        }
+                        // (.) A along the rows, then ReLU and the 2x2 average.
+                        let dst = &mut y[(o * hp + ty) * wp..][..wp];
+                        let (a0, a1, a2, a3) = (
+                            &s0[..wp],
+                            &s0[wp..2 * wp],
+                            &s0[2 * wp..3 * wp],
+                            &s0[3 * wp..],
+                        );
+                        let (b0, b1, b2, b3) = (
+                            &s1[..wp],
+                            &s1[wp..2 * wp],
+                            &s1[2 * wp..3 * wp],
+                            &s1[3 * wp..],
+                        );
+                        for tx in 0..wp {
+                            let y00 = a0[tx] + a1[tx] + a2[tx];
+                            let y01 = a1[tx] - a2[tx] - a3[tx];
+                            let y10 = b0[tx] + b1[tx] + b2[tx];
+                            let y11 = b1[tx] - b2[tx] - b3[tx];
+                            dst[tx] =
+                                0.25 * (y00.max(0.0) + y01.max(0.0) + y10.max(0.0) + y11.max(0.0));
+                        }
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// [`conv3x3_relu_pool`] as one `im2col` and product per band of pooled rows.
+fn direct_relu_pool(s: LevelShape, x: &[f32], weight: &[f32]) -> Vec<f32> {
     let (h, w) = (s.height, s.width);
     let (hp, wp) = (h / 2, w / 2);
     let k = s.inputs * 9;
@@ -45,11 +245,7 @@ pub fn conv3x3_relu_pool(s: LevelShape, x: &[f32], weight: &[f32]) -> Vec<f32> {
     }
     // Pooled rows per band: each needs two convolution rows of `w` columns.
     let band_rows = (BAND_FLOATS / (k * 2 * w).max(1)).clamp(1, hp.max(1));
-    let threads = if s.batch >= rayon::current_num_threads() {
-        gemm::Parallelism::None
-    } else {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
-    };
+    let threads = product_threads(s.batch);
     out.par_chunks_mut(out_len).enumerate().for_each(|(i, y)| {
         let xi = &x[i * in_len..(i + 1) * in_len];
         let mut cols = vec![0.0f32; k * 2 * band_rows * w];
@@ -649,8 +845,9 @@ mod tests {
 
     #[test]
     fn fused_level_matches_a_pixel_by_pixel_reference_over_several_bands() {
-        // 8 inputs at 64 x 60: 5 bands of pooled rows; and an odd size.
-        for (inputs, height, width) in [(8, 64, 60), (2, 9, 7)] {
+        // 8 inputs at 64 x 60: 5 bands of pooled rows; an odd size; and the Winograd path at
+        // an odd size and over several bands of tile rows.
+        for (inputs, height, width) in [(8, 64, 60), (2, 9, 7), (16, 11, 9), (20, 160, 150)] {
             let s = LevelShape {
                 batch: 2,
                 inputs,

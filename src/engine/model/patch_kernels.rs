@@ -1,5 +1,6 @@
 //! Hand-written CPU kernels for the patch memory on `flex` (forward only, nothing is trained):
-//! the extractor's 3x3 convolution, ReLU and 2x2 average pooling in one pass; the patch features
+//! the extractor's 3x3 convolution, ReLU and 2x2 average pooling in one pass (by Winograd
+//! F(2x2, 3x3) for the wide levels); the patch features
 //! (level 3 upsampled onto level 2, 3x3 neighbour mean) written patch by patch; and the nearest
 //! remembered patch found exactly, pruning with bounds from the memory's principal directions.
 //! They compute what the burn operations in [`patch_memory`](super::patch_memory) compute, which

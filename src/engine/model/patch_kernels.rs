@@ -503,21 +503,14 @@ pub struct MemoryIndex {
     key: u64,
 }
 
+/// Squared norm of each row of `rows` (`[n, dim]`).
 fn squared_norms(rows: &[f32], dim: usize) -> Vec<f32> {
-    rows.chunks_exact(dim.max(1))
-        .map(|r| r.iter().map(|v| v * v).sum())
-        .collect()
+    rows.chunks_exact(dim.max(1)).map(|r| dot(r, r)).collect()
 }
 
+/// Hash of a memory's values, to tell whether an index still belongs to it.
 fn memory_key(memory: &[f32]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(bytemuck_bytes(memory))
-}
-
-fn bytemuck_bytes(values: &[f32]) -> &[u8] {
-    // SAFETY: any f32 is 4 initialised bytes; u8 has no alignment requirement.
-    unsafe {
-        std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
-    }
+    xxhash_rust::xxh3::xxh3_64(bytemuck::cast_slice(memory))
 }
 
 impl MemoryIndex {

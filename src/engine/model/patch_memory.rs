@@ -192,7 +192,7 @@ impl PatchMemory {
     /// `flex` CPU backend through the kernels of [`patch_kernels`], elsewhere through
     /// [`PatchMemory::features`].
     pub fn patch_rows(&self, input: Tensor<4>) -> (Vec<f32>, [usize; 3]) {
-        if uses_kernels(&input.device()) && self.convs.len() >= 2 {
+        if self.runs_kernels(&input) {
             self.patch_rows_by_kernels(input)
         } else {
             let features = self.features(input);
@@ -202,10 +202,16 @@ impl PatchMemory {
         }
     }
 
+    /// Whether `input` goes through the CPU kernels: on `flex`, with the two extractor levels
+    /// (or more) that the patch features take.
+    fn runs_kernels(&self, input: &Tensor<4>) -> bool {
+        uses_kernels(&input.device()) && self.convs.len() >= 2
+    }
+
     /// [`PatchMemory::patch_rows`] through the CPU kernels (at least two extractor levels).
     fn patch_rows_by_kernels(&self, input: Tensor<4>) -> (Vec<f32>, [usize; 3]) {
         let [batch, channels, height, width] = input.dims();
-        let mut x = input.into_data().try_to_vec::<f32>().unwrap_or_default();
+        let x = input.into_data().try_to_vec::<f32>().unwrap_or_default();
         let mut shape = patch_kernels::LevelShape {
             batch,
             inputs: channels,
@@ -213,7 +219,9 @@ impl PatchMemory {
             height,
             width,
         };
-        let mut levels = Vec::with_capacity(self.convs.len());
+        // Each level's output, its channels and side; each level reads the one before.
+        let mut levels: Vec<(Vec<f32>, usize, (usize, usize))> =
+            Vec::with_capacity(self.convs.len());
         for conv in &self.convs {
             let weight = conv
                 .weight
@@ -222,14 +230,11 @@ impl PatchMemory {
                 .try_to_vec::<f32>()
                 .unwrap_or_default();
             shape.outputs = conv.weight.dims()[0];
-            x = patch_kernels::conv3x3_relu_pool(shape, &x, &weight);
-            levels.push((
-                x.clone(),
-                shape.outputs,
-                (shape.height / 2, shape.width / 2),
-            ));
+            let level_input = levels.last().map_or(&x, |(values, _, _)| values);
+            let output = patch_kernels::conv3x3_relu_pool(shape, level_input, &weight);
             (shape.inputs, shape.height, shape.width) =
                 (shape.outputs, shape.height / 2, shape.width / 2);
+            levels.push((output, shape.outputs, (shape.height, shape.width)));
         }
         let (fine, c_fine, fine_side) = &levels[1];
         let none = Vec::new();
@@ -261,7 +266,7 @@ impl PatchMemory {
     /// Distance of every patch of an extractor input ([`PatchMemory::input`], side `s`) to its
     /// nearest good patch in the memory: `[batch, 1, s / 4, s / 4]`.
     pub fn distances(&self, input: Tensor<4>) -> Tensor<4> {
-        if uses_kernels(&input.device()) && self.convs.len() >= 2 {
+        if self.runs_kernels(&input) {
             self.distances_by_kernels(input)
         } else {
             self.distances_by_burn(input)

@@ -87,6 +87,16 @@ pub struct ConvAutoencoder {
     decoder: Vec<ConvTranspose2d>,
 }
 
+/// The activation of decoder layer `i` of `0..=last`: leaky ReLU, and a sigmoid on the last one
+/// (the reconstruction, in 0..1).
+fn decoder_activation(i: usize, last: usize) -> Activation {
+    if i < last {
+        Activation::LeakyRelu
+    } else {
+        Activation::Sigmoid
+    }
+}
+
 /// A layer's weight and bias as plain values.
 fn values_of(
     weight: &burn::module::Param<Tensor<4>>,
@@ -170,11 +180,7 @@ impl ConvAutoencoder {
                         height: wide,
                         width: wide,
                     };
-                    let act = if i < last {
-                        Activation::LeakyRelu
-                    } else {
-                        Activation::Sigmoid
-                    };
+                    let act = decoder_activation(i, last);
                     let mut y = vec![0.0f32; out_c * wide * wide];
                     up_image(s, &x, w, b, act, threads, &mut y);
                     (x, c, side) = (y, out_c, wide);
@@ -204,12 +210,7 @@ impl ConvAutoencoder {
         x = leaky_relu(self.from_latent.forward(x), slope);
         let last = self.decoder.len().saturating_sub(1);
         for (i, deconv) in self.decoder.iter().enumerate() {
-            let activation = if i < last {
-                Activation::LeakyRelu
-            } else {
-                Activation::Sigmoid
-            };
-            x = conv_up(deconv, x, activation);
+            x = conv_up(deconv, x, decoder_activation(i, last));
         }
         x
     }

@@ -482,7 +482,8 @@ fn dense_nearest(tile: &[f32], memory: &[f32], memory_sq: &[f32], dim: usize, ne
 /// exceeds the full one, so a remembered patch whose projected distance is already above the best
 /// full distance found cannot be the nearest and is skipped. Measured with the prototype (memory
 /// of 5,000, 384 values): the 32 directions keep 95-98 % of the variance, and 7-12 patches per
-/// query (median 5-9) remain to be compared in full, instead of 5,000.
+/// query remain to be compared in full, instead of 5,000; this search, which checks the first
+/// 16 directions before the rest, compared about 24 per query on PA_BRG03_TL.
 #[derive(Debug, Clone)]
 pub struct MemoryIndex {
     dim: usize,
